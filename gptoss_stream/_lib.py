@@ -1,0 +1,123 @@
+"""The one place that loads libgptoss and declares its C functions (ctypes lives here and nowhere else).
+
+Pointers cross the boundary as plain integers (numpy's `arr.ctypes.data`), so callers never touch ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import site
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+_LIB_NAME = "libgptoss.so"
+
+GPTOSS_OK = 0
+DTYPE_BF16 = 0
+DTYPE_F32 = 1
+ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
+ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512"}
+
+
+class KernelError(RuntimeError):
+    """A libgptoss function returned an error status."""
+
+    def __init__(self, function: str, status: int, message: str):
+        super().__init__(f"{function} failed: {message} (status {status})")
+        self.function = function
+        self.status = status
+
+
+def _preload_onednn() -> None:
+    # libdnnl.so.3 comes from the onednn-cpu-gomp wheel, which puts it in <prefix>/lib of whichever
+    # environment pip installed into. RPATH covers the usual venv layout; loading it here by absolute path
+    # also covers --user installs and unusual prefixes, and gives a clear error when it is missing.
+    prefixes = [sys.prefix, sys.base_prefix, site.getuserbase(), sys.exec_prefix]
+    for prefix in dict.fromkeys(prefixes):
+        candidate = Path(prefix) / "lib" / "libdnnl.so.3"
+        if candidate.exists():
+            ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+            return
+    # Not found next to Python: let the dynamic loader try (LD_LIBRARY_PATH, system oneDNN).
+
+
+def _find_library() -> Path:
+    env = os.environ.get("GPTOSS_LIB")
+    candidates = [Path(env)] if env else []
+    # Installed wheel: next to this file. Developer build: `cmake -S . -B build` in the source tree.
+    candidates += [_HERE / _LIB_NAME, _HERE.parent / "build" / _LIB_NAME]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise RuntimeError(
+        f"cannot find {_LIB_NAME} (looked in: {', '.join(str(p) for p in candidates)}). "
+        "Install the package with `pip install .` (it compiles libgptoss), or build it with "
+        "`cmake -S . -B build && cmake --build build`, or point GPTOSS_LIB at the library."
+    )
+
+
+def _load() -> ctypes.CDLL:
+    _preload_onednn()
+    path = _find_library()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeError(f"cannot load {path}: {e}. Is the onednn-cpu-gomp==2023.2.0 wheel installed?") from e
+
+
+lib = _load()
+
+_p = ctypes.c_void_p
+_sz = ctypes.c_size_t
+_i = ctypes.c_int
+_f = ctypes.c_float
+
+# name -> (argument types, return type); every public function of libgptoss/gptoss.h.
+_SIGNATURES: dict[str, tuple[list, object]] = {
+    "gptoss_status_string": ([_i], ctypes.c_char_p),
+    "gptoss_set_num_threads": ([_i], _i),
+    "gptoss_get_num_threads": ([], _i),
+    "gptoss_detect_isa": ([], _i),
+    "gptoss_get_isa": ([], _i),
+    "gptoss_set_isa": ([_i], _i),
+    "gptoss_bf16_to_f32": ([_p, _p, _sz], _i),
+    "gptoss_f32_to_bf16": ([_p, _p, _sz], _i),
+    "gptoss_dequantize_mxfp4_rows": ([_p, _p, _sz, _sz, _sz, _sz, _p], _i),
+    "gptoss_matmul_bf16": ([_p, _sz, _sz, _sz, _p, _sz, _p, _p, _sz, _i], _i),
+    "gptoss_matmul_mxfp4": ([_p, _sz, _sz, _p, _p, _sz, _p, _p, _sz, _p, _sz, _sz], _i),
+    "gptoss_matmul_cache_size": ([], _sz),
+    "gptoss_matmul_cache_clear": ([], None),
+    "gptoss_rmsnorm": ([_p, _p, _sz, _sz, _f, _p], _i),
+    "gptoss_add_bf16": ([_p, _p, _sz], _i),
+    "gptoss_swiglu": ([_p, _sz, _sz, _f, _f, _p], _i),
+    "gptoss_topk_softmax": ([_p, _sz, _sz, _sz, _p, _p], _i),
+    "gptoss_scatter_add_weighted": ([_p, _sz, _sz, _p, _sz, _p, _p], _i),
+    "gptoss_add_f32_to_bf16": ([_p, _p, _sz], _i),
+    "gptoss_rope_init": ([_sz, _f, _f, _f, _f, _sz, _p, _p], _i),
+    "gptoss_rope_apply": ([_p, _sz, _sz, _sz, _sz, _p, _p, _f], _i),
+    "gptoss_attention": ([_p, _sz, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz, _sz, _p, _f, _p], _i),
+    "gptoss_kv_store": ([_p, _p, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz], _i),
+}
+
+for _name, (_argtypes, _restype) in _SIGNATURES.items():
+    _fn = getattr(lib, _name)
+    _fn.argtypes = _argtypes
+    _fn.restype = _restype
+
+
+def status_string(status: int) -> str:
+    return lib.gptoss_status_string(status).decode()
+
+
+def call(name: str, *args) -> None:
+    """Call a status-returning libgptoss function; raise KernelError naming it if it fails."""
+    status = getattr(lib, name)(*args)
+    if status != GPTOSS_OK:
+        raise KernelError(name, status, status_string(status))
+
+
+def call_value(name: str, *args):
+    """Call a libgptoss function that returns a value rather than a status."""
+    return getattr(lib, name)(*args)

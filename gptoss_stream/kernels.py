@@ -1,0 +1,314 @@
+"""numpy-friendly wrappers over libgptoss.
+
+bf16 arrays are np.uint16 holding raw bfloat16 bits. Each wrapper checks dtypes, shapes and contiguity
+(raising ValueError naming the argument) before the C function checks them again; outputs may be passed in
+(`out=`) so the hot path allocates nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gptoss_stream import _lib
+
+BF16 = np.uint16
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _check(name: str, a: np.ndarray, dtype, ndim: int | None = None, contiguous: bool = True) -> None:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if contiguous and not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+
+
+def _check_rows(name: str, a: np.ndarray, dtype) -> int:
+    """A 2-D array whose rows may be strided (a column slice of a wider matrix); returns the row stride."""
+    _check(name, a, dtype, ndim=2, contiguous=False)
+    if a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
+        raise ValueError(f"{name}: rows must be contiguous (got strides {a.strides})")
+    return a.strides[0] // a.itemsize
+
+
+def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype, name: str = "out") -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    _check(name, out, dtype)
+    if out.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {out.shape}")
+    return out
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def set_num_threads(n: int) -> None:
+    _lib.call("gptoss_set_num_threads", int(n))
+
+
+def get_num_threads() -> int:
+    return int(_lib.call_value("gptoss_get_num_threads"))
+
+
+def detect_isa() -> str:
+    return _lib.ISA_NAMES[_lib.call_value("gptoss_detect_isa")]
+
+
+def get_isa() -> str:
+    return _lib.ISA_NAMES[_lib.call_value("gptoss_get_isa")]
+
+
+def set_isa(name: str) -> None:
+    codes = {v: k for k, v in _lib.ISA_NAMES.items()}
+    if name not in codes:
+        raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(codes)}")
+    _lib.call("gptoss_set_isa", codes[name])
+
+
+# ---------------------------------------------------------------- convert
+
+
+def bf16_to_f32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    _check("x", x, BF16)
+    out = _out(out, x.shape, np.float32)
+    _lib.call("gptoss_bf16_to_f32", _ptr(x), _ptr(out), x.size)
+    return out
+
+
+def f32_to_bf16(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    _check("x", x, np.float32)
+    out = _out(out, x.shape, BF16)
+    _lib.call("gptoss_f32_to_bf16", _ptr(x), _ptr(out), x.size)
+    return out
+
+
+# ---------------------------------------------------------------- mxfp4
+
+
+def dequantize_mxfp4_rows(
+    blocks: np.ndarray, scales: np.ndarray, row_begin: int = 0, row_end: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """blocks [rows, blocks_per_row, 16] u8, scales [rows, blocks_per_row] u8 -> bf16 [row_end-row_begin, 32*bpr]."""
+    _check("blocks", blocks, np.uint8, ndim=3)
+    _check("scales", scales, np.uint8, ndim=2)
+    n_rows, blocks_per_row, block_bytes = blocks.shape
+    if block_bytes != 16 or scales.shape != (n_rows, blocks_per_row):
+        raise ValueError(f"blocks {blocks.shape} and scales {scales.shape} are not an MXFP4 pair")
+    row_end = n_rows if row_end is None else row_end
+    if not 0 <= row_begin <= row_end <= n_rows:
+        raise ValueError(f"row range [{row_begin}, {row_end}) outside 0..{n_rows}")
+    out = _out(out, (row_end - row_begin, blocks_per_row * 32), BF16)
+    _lib.call("gptoss_dequantize_mxfp4_rows", _ptr(blocks), _ptr(scales), n_rows, blocks_per_row,
+              row_begin, row_end, _ptr(out))
+    return out
+
+
+# ---------------------------------------------------------------- matmul
+
+
+def matmul(
+    x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None,
+    out_dtype=BF16,
+) -> np.ndarray:
+    """y = x @ w.T + bias through oneDNN. x [m, k] bf16 (rows may be strided), w [n, k] bf16 in place."""
+    ldx = _check_rows("x", x, BF16)
+    _check("w", w, BF16, ndim=2)
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"w: expected [n, {k}] to match x {x.shape}, got {w.shape}")
+    if bias is not None:
+        _check("bias", bias, BF16, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: expected length {n}, got {bias.shape[0]}")
+    if out is None:
+        out = np.empty((m, n), dtype=out_dtype)
+    ldy = _check_rows("out", out, out.dtype)
+    if out.shape != (m, n):
+        raise ValueError(f"out: expected shape {(m, n)}, got {out.shape}")
+    y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
+    if y_dtype is None:
+        raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
+    _lib.call("gptoss_matmul_bf16", _ptr(x), m, k, ldx, _ptr(w), n, _ptr(bias), _ptr(out), ldy, y_dtype)
+    return out
+
+
+def matmul_mxfp4(
+    x: np.ndarray, blocks: np.ndarray, scales: np.ndarray, bias: np.ndarray | None, scratch: np.ndarray,
+    out: np.ndarray | None = None, tile_rows: int = 0,
+) -> np.ndarray:
+    """y = x @ W.T + bias with W an MXFP4 matrix [n, k], dequantized tile by tile into scratch (bf16)."""
+    _check("x", x, BF16, ndim=2)
+    _check("blocks", blocks, np.uint8, ndim=3)
+    _check("scales", scales, np.uint8, ndim=2)
+    _check("scratch", scratch, BF16, contiguous=True)
+    m, k = x.shape
+    n = blocks.shape[0]
+    if blocks.shape[1:] != (k // 32, 16) or k % 32 or scales.shape != (n, k // 32):
+        raise ValueError(f"MXFP4 weight blocks {blocks.shape} / scales {scales.shape} do not match k={k}")
+    if bias is not None:
+        _check("bias", bias, BF16, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: expected length {n}, got {bias.shape[0]}")
+    if out is None:
+        out = np.empty((m, n), dtype=BF16)
+    ldy = _check_rows("out", out, BF16)
+    if out.shape != (m, n):
+        raise ValueError(f"out: expected shape {(m, n)}, got {out.shape}")
+    _lib.call("gptoss_matmul_mxfp4", _ptr(x), m, k, _ptr(blocks), _ptr(scales), n, _ptr(bias), _ptr(out), ldy,
+              _ptr(scratch), scratch.size, tile_rows)
+    return out
+
+
+def matmul_cache_size() -> int:
+    return int(_lib.call_value("gptoss_matmul_cache_size"))
+
+
+def matmul_cache_clear() -> None:
+    _lib.call_value("gptoss_matmul_cache_clear")
+
+
+# ---------------------------------------------------------------- ops
+
+
+def rmsnorm(x: np.ndarray, scale: np.ndarray, eps: float = 1e-5, out: np.ndarray | None = None) -> np.ndarray:
+    _check("x", x, BF16, ndim=2)
+    _check("scale", scale, BF16, ndim=1)
+    m, d = x.shape
+    if scale.shape[0] != d:
+        raise ValueError(f"scale: expected length {d}, got {scale.shape[0]}")
+    out = _out(out, (m, d), BF16)
+    _lib.call("gptoss_rmsnorm", _ptr(x), _ptr(scale), m, d, float(eps), _ptr(out))
+    return out
+
+
+def add_(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x += y in bf16 (in place)."""
+    _check("x", x, BF16)
+    _check("y", y, BF16)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: x {x.shape}, y {y.shape}")
+    _lib.call("gptoss_add_bf16", _ptr(x), _ptr(y), x.size)
+    return x
+
+
+def swiglu(h: np.ndarray, limit: float, alpha: float = 1.702, out: np.ndarray | None = None) -> np.ndarray:
+    _check("h", h, BF16, ndim=2)
+    m, two_d = h.shape
+    if two_d % 2:
+        raise ValueError(f"h: last dimension must be even (interleaved glu/linear pairs), got {two_d}")
+    out = _out(out, (m, two_d // 2), BF16)
+    _lib.call("gptoss_swiglu", _ptr(h), m, two_d // 2, float(limit), float(alpha), _ptr(out))
+    return out
+
+
+def topk_softmax(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    _check("logits", logits, BF16, ndim=2)
+    m, n_experts = logits.shape
+    if not 0 < k <= n_experts:
+        raise ValueError(f"k={k} must be in 1..{n_experts}")
+    indices = np.empty((m, k), dtype=np.int32)
+    weights = np.empty((m, k), dtype=np.float32)
+    _lib.call("gptoss_topk_softmax", _ptr(logits), m, n_experts, k, _ptr(indices), _ptr(weights))
+    return indices, weights
+
+
+def scatter_add_weighted(acc: np.ndarray, y: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> None:
+    """acc[rows[i]] += weights[i] * y[i] (fp32 accumulator)."""
+    _check("acc", acc, np.float32, ndim=2)
+    _check("y", y, BF16, ndim=2)
+    _check("rows", rows, np.int32, ndim=1)
+    _check("weights", weights, np.float32, ndim=1)
+    g, d = y.shape
+    if acc.shape[1] != d or rows.shape[0] != g or weights.shape[0] != g:
+        raise ValueError(f"acc {acc.shape}, y {y.shape}, rows {rows.shape}, weights {weights.shape} disagree")
+    _lib.call("gptoss_scatter_add_weighted", _ptr(acc), acc.shape[0], d, _ptr(y), g, _ptr(rows), _ptr(weights))
+
+
+def add_f32_(x: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """x = bf16(x + bf16(acc)) in place."""
+    _check("x", x, BF16)
+    _check("acc", acc, np.float32)
+    if x.shape != acc.shape:
+        raise ValueError(f"shapes differ: x {x.shape}, acc {acc.shape}")
+    _lib.call("gptoss_add_f32_to_bf16", _ptr(x), _ptr(acc), x.size)
+    return x
+
+
+# ---------------------------------------------------------------- rope
+
+
+def rope_init(
+    head_dim: int, theta: float, scaling_factor: float, ntk_alpha: float, ntk_beta: float,
+    initial_context_length: int,
+) -> tuple[np.ndarray, float]:
+    inv_freq = np.empty(head_dim // 2, dtype=np.float32)
+    concentration = np.empty(1, dtype=np.float32)
+    _lib.call("gptoss_rope_init", head_dim, float(theta), float(scaling_factor), float(ntk_alpha),
+              float(ntk_beta), initial_context_length, _ptr(inv_freq), _ptr(concentration))
+    return inv_freq, float(concentration[0])
+
+
+def rope_apply_(
+    x: np.ndarray, n_heads: int, head_dim: int, positions: np.ndarray, inv_freq: np.ndarray, concentration: float,
+) -> np.ndarray:
+    """Rotate x [m, >= n_heads*head_dim] (rows may be strided: a column slice of qkv) in place."""
+    ldx = _check_rows("x", x, BF16)
+    _check("positions", positions, np.int64, ndim=1)
+    _check("inv_freq", inv_freq, np.float32, ndim=1)
+    m = x.shape[0]
+    if x.shape[1] < n_heads * head_dim or positions.shape[0] != m or inv_freq.shape[0] != head_dim // 2:
+        raise ValueError(f"x {x.shape}, positions {positions.shape}, inv_freq {inv_freq.shape} disagree "
+                         f"with {n_heads} heads of {head_dim}")
+    _lib.call("gptoss_rope_apply", _ptr(x), m, n_heads, head_dim, ldx, _ptr(positions), _ptr(inv_freq),
+              float(concentration))
+    return x
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention(
+    q: np.ndarray, n_heads: int, k_cache: np.ndarray, v_cache: np.ndarray, first_position: int, window: int,
+    sinks: np.ndarray, scale: float, out: np.ndarray | None = None,
+) -> np.ndarray:
+    """q [m, >= n_heads*head_dim] (rows may be strided); caches [capacity, n_kv_heads, head_dim]."""
+    ldq = _check_rows("q", q, BF16)
+    _check("k_cache", k_cache, BF16, ndim=3)
+    _check("v_cache", v_cache, BF16, ndim=3)
+    _check("sinks", sinks, BF16, ndim=1)
+    capacity, n_kv_heads, head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} differ")
+    m = q.shape[0]
+    if q.shape[1] < n_heads * head_dim or sinks.shape[0] != n_heads:
+        raise ValueError(f"q {q.shape} / sinks {sinks.shape} disagree with {n_heads} heads of {head_dim}")
+    out = _out(out, (m, n_heads * head_dim), BF16)
+    _lib.call("gptoss_attention", _ptr(q), m, ldq, n_heads, n_kv_heads, head_dim, _ptr(k_cache), _ptr(v_cache),
+              capacity, first_position, window, _ptr(sinks), float(scale), _ptr(out))
+    return out
+
+
+def kv_store(
+    k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, first_position: int,
+) -> None:
+    """Write k, v [m, n_kv_heads*head_dim] (rows may be strided) at cache rows (first_position + i) % capacity."""
+    ldk = _check_rows("k", k, BF16)
+    ldv = _check_rows("v", v, BF16)
+    if ldk != ldv or k.shape != v.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape and row stride")
+    _check("k_cache", k_cache, BF16, ndim=3)
+    _check("v_cache", v_cache, BF16, ndim=3)
+    capacity, n_kv_heads, head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape or k.shape[1] != n_kv_heads * head_dim:
+        raise ValueError(f"k {k.shape} does not fit caches {k_cache.shape}")
+    _lib.call("gptoss_kv_store", _ptr(k), _ptr(v), k.shape[0], ldk, n_kv_heads, head_dim, _ptr(k_cache),
+              _ptr(v_cache), capacity, first_position)

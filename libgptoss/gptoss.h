@@ -1,0 +1,181 @@
+/*
+ * libgptoss: the compute kernels of gptoss-stream.
+ *
+ * Plain C functions on raw pointers and sizes. Every function returns an int status (GPTOSS_OK or a
+ * GPTOSS_ERR_* code; gptoss_status_string() names it) and validates what it is given: it never aborts and
+ * never writes outside the buffers whose sizes it was told.
+ *
+ * Conventions:
+ *  - bf16 values travel as their raw 16-bit patterns (gptoss_bf16); fp32 math happens inside each kernel and
+ *    results are rounded to bf16 with round-to-nearest-even (NaN stays NaN).
+ *  - Matrices are row-major. A linear layer's weight is [n_out, k_in], exactly as the checkpoint stores it,
+ *    and y = x W^T + b.
+ *  - "m" is the number of tokens (rows of activations).
+ *
+ * Global state: the thread count and the selected ISA (runtime.c) and the cache of oneDNN primitives
+ * (matmul.c, keyed by shape). Nothing else.
+ */
+#ifndef GPTOSS_H
+#define GPTOSS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef uint16_t gptoss_bf16;
+
+enum gptoss_status {
+    GPTOSS_OK = 0,
+    GPTOSS_ERR_NULL_POINTER = 1, /* a required pointer is NULL */
+    GPTOSS_ERR_BAD_SIZE = 2,     /* a size is zero, inconsistent with another, or overflows */
+    GPTOSS_ERR_OUT_OF_RANGE = 3, /* an index, position or row range lies outside its bounds */
+    GPTOSS_ERR_NO_MEMORY = 4,
+    GPTOSS_ERR_ONEDNN = 5,       /* oneDNN refused or failed a primitive */
+    GPTOSS_ERR_UNSUPPORTED = 6,  /* e.g. an ISA this CPU lacks */
+};
+
+enum gptoss_dtype { GPTOSS_DTYPE_BF16 = 0, GPTOSS_DTYPE_F32 = 1 };
+
+enum gptoss_isa { GPTOSS_ISA_SCALAR = 0, GPTOSS_ISA_AVX2 = 1, GPTOSS_ISA_AVX512 = 2 };
+
+const char *gptoss_status_string(int status);
+
+/* ---------------------------------------------------------------- runtime.c */
+
+/* Threads used by every kernel and by oneDNN (OpenMP). n <= 0 means all cores. */
+int gptoss_set_num_threads(int n);
+int gptoss_get_num_threads(void);
+/* Best ISA this CPU supports; the selected one (default: the best); force a lower one (tests, benchmarks). */
+int gptoss_detect_isa(void);
+int gptoss_get_isa(void);
+int gptoss_set_isa(int isa);
+
+/* ---------------------------------------------------------------- convert.c */
+
+int gptoss_bf16_to_f32(const gptoss_bf16 *x, float *y, size_t n);
+int gptoss_f32_to_bf16(const float *x, gptoss_bf16 *y, size_t n);
+
+/* ---------------------------------------------------------------- mxfp4.c */
+
+/*
+ * Dequantize rows [row_begin, row_end) of an MXFP4 matrix of n_rows rows to bf16.
+ *   blocks: [n_rows, blocks_per_row, 16] bytes, E2M1 codes, low nibble first
+ *   scales: [n_rows, blocks_per_row] E8M0 exponents
+ *   out:    [row_end - row_begin, blocks_per_row * 32] bf16
+ * value = FP4[code] * 2^(scale - 127); every such value is exact in bf16 (overflow gives +-inf).
+ * Scale 255 is NaN in E8M0 (OCP MX spec): the whole block dequantizes to NaN.
+ */
+int gptoss_dequantize_mxfp4_rows(const uint8_t *blocks, const uint8_t *scales, size_t n_rows,
+                                 size_t blocks_per_row, size_t row_begin, size_t row_end, gptoss_bf16 *out);
+
+/* ---------------------------------------------------------------- matmul.c */
+
+/*
+ * y[m, n] = x[m, k] W[n, k]^T (+ bias[n]) through oneDNN, bf16 inputs, fp32 accumulation.
+ *   x: row stride ldx (>= k) elements; w: [n, k] contiguous, used in place (no copy, no reorder);
+ *   bias: [n] bf16 or NULL; y: row stride ldy (>= n) elements of y_dtype (GPTOSS_DTYPE_BF16 or _F32).
+ * Primitives are created once per (m, n, k, ldx, ldy, bias, y_dtype) and cached.
+ */
+int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const gptoss_bf16 *w, size_t n,
+                       const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype);
+
+/*
+ * y[m, n] = x[m, k] W^T + bias with W an MXFP4 matrix [n, k] (blocks/scales as above, k % 32 == 0).
+ * W is dequantized tile by tile (tile_rows rows at a time) into scratch and each tile goes straight to
+ * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory.
+ * scratch must hold at least tile_rows * k bf16 values; tile_rows = 0 picks a default that fits L2.
+ * y: [m, n] bf16 with row stride ldy.
+ */
+int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
+                        size_t n, const gptoss_bf16 *bias, gptoss_bf16 *y, size_t ldy, gptoss_bf16 *scratch,
+                        size_t scratch_elems, size_t tile_rows);
+
+/* Number of cached oneDNN primitives; drop them all (frees their memory). */
+size_t gptoss_matmul_cache_size(void);
+void gptoss_matmul_cache_clear(void);
+
+/* ---------------------------------------------------------------- ops.c */
+
+/* y[m, d] = x / sqrt(mean(x^2) + eps) * scale, per row, fp32 inside. y may equal x. */
+int gptoss_rmsnorm(const gptoss_bf16 *x, const gptoss_bf16 *scale, size_t m, size_t d, float eps,
+                   gptoss_bf16 *y);
+
+/* x[i] = bf16(x[i] + y[i]) (the residual add). */
+int gptoss_add_bf16(gptoss_bf16 *x, const gptoss_bf16 *y, size_t n);
+
+/*
+ * SwiGLU of interleaved pairs, as gpt-oss does it:
+ *   h: [m, 2 * d] with glu = h[:, 0::2], lin = h[:, 1::2]
+ *   glu = min(glu, limit); lin = clamp(lin, -limit, limit); out = glu * sigmoid(alpha * glu) * (lin + 1)
+ *   out: [m, d]
+ */
+int gptoss_swiglu(const gptoss_bf16 *h, size_t m, size_t d, float limit, float alpha, gptoss_bf16 *out);
+
+/*
+ * Router: for each of m rows of logits [m, n_experts] (bf16), the k largest (ties: lower index first),
+ * in descending order, and the softmax of those k values.
+ *   indices: [m, k] int32; weights: [m, k] fp32
+ */
+int gptoss_topk_softmax(const gptoss_bf16 *logits, size_t m, size_t n_experts, size_t k, int32_t *indices,
+                        float *weights);
+
+/*
+ * MoE combine: acc[rows[i], :] += weights[i] * y[i, :] for i < g (fp32 accumulator [n_rows_acc, d]).
+ * rows must be < n_rows_acc.
+ */
+int gptoss_scatter_add_weighted(float *acc, size_t n_rows_acc, size_t d, const gptoss_bf16 *y, size_t g,
+                                const int32_t *rows, const float *weights);
+
+/* x[i] = bf16(x[i] + bf16(acc[i])): adds the MoE output (rounded to bf16 first, as the reference does). */
+int gptoss_add_f32_to_bf16(gptoss_bf16 *x, const float *acc, size_t n);
+
+/* ---------------------------------------------------------------- rope.c */
+
+/*
+ * YaRN (NTK-by-parts) inverse frequencies for head_dim/2 pairs and the cos/sin concentration (SPEC §4):
+ *   inv_freq: [head_dim / 2] fp32
+ */
+int gptoss_rope_init(size_t head_dim, float theta, float scaling_factor, float ntk_alpha, float ntk_beta,
+                     size_t initial_context_length, float *inv_freq, float *concentration);
+
+/*
+ * In-place rotation of x: [m, n_heads, head_dim] bf16 (row stride ldx elements between tokens), token i at
+ * positions[i]. Half-split: the first head_dim/2 dims rotate with the last head_dim/2.
+ * angle = (float)position * inv_freq[j]; cos and sin are scaled by concentration.
+ */
+int gptoss_rope_apply(gptoss_bf16 *x, size_t m, size_t n_heads, size_t head_dim, size_t ldx,
+                      const int64_t *positions, const float *inv_freq, float concentration);
+
+/* ---------------------------------------------------------------- attention.c */
+
+/*
+ * Causal attention of m query tokens over a KV cache, with GQA, learned sinks and an optional window.
+ *   q:        [m, n_heads, head_dim] bf16, row stride ldq elements; query i is at position first_position + i
+ *   k_cache, v_cache: [capacity, n_kv_heads, head_dim] bf16; the key/value of position j is in row j % capacity
+ *   window:   0 for full causal attention, else query p sees keys j with p - window < j <= p
+ *   sinks:    [n_heads] bf16, one extra logit per head that takes part in the softmax and has no value
+ *   out:      [m, n_heads * head_dim] bf16 (row stride n_heads * head_dim)
+ * kv head h serves q heads h * (n_heads / n_kv_heads) ... The cache must hold every key a query needs:
+ * capacity >= first_position + m when window == 0, capacity >= window + m - 1 otherwise.
+ */
+int gptoss_attention(const gptoss_bf16 *q, size_t m, size_t ldq, size_t n_heads, size_t n_kv_heads,
+                     size_t head_dim, const gptoss_bf16 *k_cache, const gptoss_bf16 *v_cache, size_t capacity,
+                     size_t first_position, size_t window, const gptoss_bf16 *sinks, float scale,
+                     gptoss_bf16 *out);
+
+/*
+ * Write m tokens' keys and values into the cache rows (first_position + i) % capacity.
+ *   k, v: [m, n_kv_heads * head_dim] bf16 with row stride ld (so they can be column slices of the qkv output)
+ */
+int gptoss_kv_store(const gptoss_bf16 *k, const gptoss_bf16 *v, size_t m, size_t ld, size_t n_kv_heads,
+                    size_t head_dim, gptoss_bf16 *k_cache, gptoss_bf16 *v_cache, size_t capacity,
+                    size_t first_position);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GPTOSS_H */
