@@ -1,0 +1,190 @@
+"""The gpt-oss forward pass (SPEC §4), orchestrating libgptoss kernels over a mapped checkpoint.
+
+Data flows one way: checkpoint mapping -> expert store -> C kernel -> residual stream. Dense weights are used
+in place from the mapping; per layer the router picks experts_per_token experts for each token and only
+those are dequantized (MXFP4 -> bf16, tile by tile inside the matmul) and multiplied.
+
+All activations are bf16 bits in np.uint16 arrays, as in the reference; each kernel computes in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptoss_stream import kernels
+from gptoss_stream.checkpoint import Checkpoint, LayerWeights
+from gptoss_stream.config import ModelConfig
+from gptoss_stream.experts import MappedExpertStore
+from gptoss_stream.kvcache import KVCache
+
+BF16 = np.uint16
+SWIGLU_ALPHA = 1.702
+# Rows of an expert matrix dequantized per tile: 256 x 2880 bf16 = 1.4 MiB, which stays in L2 between the
+# dequantization and the matmul that consumes it.
+EXPERT_TILE_ROWS = 256
+
+
+@dataclass
+class RunState:
+    """Every activation buffer of one chunk of up to `max_chunk` tokens, allocated once per session."""
+
+    x: np.ndarray        # (chunk, H) residual stream
+    t: np.ndarray        # (chunk, H) normed input of a block
+    qkv: np.ndarray      # (chunk, (nq + 2 nkv) * hd)
+    attn: np.ndarray     # (chunk, nq * hd)
+    proj: np.ndarray     # (chunk, H) attention output projection
+    router: np.ndarray   # (chunk, E) router logits
+    moe_acc: np.ndarray  # (chunk, H) fp32 weighted sum of expert outputs
+    mlp1: np.ndarray     # (chunk, 2I) one expert's first layer, for the tokens routed to it
+    act: np.ndarray      # (chunk, I) SwiGLU output
+    mlp2: np.ndarray     # (chunk, H) one expert's output
+    gathered: np.ndarray  # (chunk, H) the normed inputs of the tokens routed to one expert
+    tile: np.ndarray     # (EXPERT_TILE_ROWS * max(H, I),) dequantized expert tile
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, max_chunk: int) -> RunState:
+        c, h, i = max_chunk, config.hidden_size, config.intermediate_size
+        q_dim = config.num_attention_heads * config.head_dim
+        kv_dim = config.num_key_value_heads * config.head_dim
+
+        def bf16(*shape: int) -> np.ndarray:
+            return np.zeros(shape, dtype=BF16)
+
+        return cls(
+            x=bf16(c, h), t=bf16(c, h), qkv=bf16(c, q_dim + 2 * kv_dim), attn=bf16(c, q_dim), proj=bf16(c, h),
+            router=bf16(c, config.num_experts), moe_acc=np.zeros((c, h), dtype=np.float32), mlp1=bf16(c, 2 * i),
+            act=bf16(c, i), mlp2=bf16(c, h), gathered=bf16(c, h), tile=bf16(EXPERT_TILE_ROWS * max(h, i)),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.__dict__.values())
+
+
+class Model:
+    """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache."""
+
+    def __init__(self, checkpoint: Checkpoint, max_chunk: int = 64, expert_store=None, num_threads: int = 0):
+        self.checkpoint = checkpoint
+        self.config = config = checkpoint.config
+        self.max_chunk = max_chunk
+        self.experts = expert_store if expert_store is not None else MappedExpertStore(checkpoint)
+        kernels.set_num_threads(num_threads)
+        self.layers: list[LayerWeights] = [checkpoint.layer(n) for n in range(config.num_hidden_layers)]
+        self.embedding = checkpoint.embedding()      # (V, H)
+        self.final_norm = checkpoint.final_norm()    # (H,)
+        self.unembedding = checkpoint.unembedding()  # (V, H)
+        self.inv_freq, self.concentration = kernels.rope_init(
+            config.head_dim, config.rope_theta, config.rope_scaling_factor, config.rope_ntk_alpha,
+            config.rope_ntk_beta, config.initial_context_length,
+        )
+        self.attn_scale = 1.0 / math.sqrt(config.head_dim)
+        self.state = RunState.allocate(config, max_chunk)
+
+    def new_cache(self, context_length: int = 4096) -> KVCache:
+        return KVCache(self.config, context_length, self.max_chunk)
+
+    # ------------------------------------------------------------------ the whole model
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens (appended at cache.length) through the model; fp32 logits of the last token, or of all."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise ValueError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        cache.check_room(tokens.size)
+        outputs = []
+        for begin in range(0, tokens.size, self.max_chunk):
+            chunk = tokens[begin:begin + self.max_chunk]
+            x = self.embed(chunk)
+            for layer in range(self.config.num_hidden_layers):
+                self.layer_forward(layer, x, cache, cache.length)
+            cache.advance(chunk.size)
+            if all_logits:
+                outputs.append(self.logits(x))
+        return np.concatenate(outputs) if all_logits else self.logits(x[-1:])[0]
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        x = self.state.x[:tokens.size]
+        np.take(self.embedding, tokens, axis=0, out=x)
+        return x
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """fp32 logits [m, V] of the residual stream x [m, H] (final norm, then unembedding, no bias)."""
+        t = kernels.rmsnorm(x, self.final_norm, self.config.rms_norm_eps, out=self.state.t[:x.shape[0]])
+        return kernels.matmul(t, self.unembedding, out_dtype=np.float32)
+
+    def layer_forward(self, layer: int, x: np.ndarray, cache: KVCache, first_position: int) -> np.ndarray:
+        """One decoder layer on x [m, H] in place; its keys/values go to cache rows from first_position."""
+        self.attention_block(layer, x, cache, first_position)
+        self.moe_block(layer, x)
+        return x
+
+    # ------------------------------------------------------------------ attention block
+
+    def attention_block(self, layer: int, x: np.ndarray, cache: KVCache, first_position: int) -> None:
+        cfg, w, s = self.config, self.layers[layer], self.state
+        m = x.shape[0]
+        nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # t = norm(x)
+        t = kernels.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, out=s.t[:m])
+        # qkv = t W_qkv^T + b; one matmul when q, k, v are one tensor (original format), else three
+        qkv = s.qkv[:m]
+        q, k, v = qkv[:, :nq * hd], qkv[:, nq * hd:(nq + nkv) * hd], qkv[:, (nq + nkv) * hd:]
+        if w.qkv_weight is not None:
+            kernels.matmul(t, w.qkv_weight, w.qkv_bias, out=qkv)
+        else:
+            kernels.matmul(t, w.q_weight, w.q_bias, out=q)
+            kernels.matmul(t, w.k_weight, w.k_bias, out=k)
+            kernels.matmul(t, w.v_weight, w.v_bias, out=v)
+        # RoPE on q and k at their positions
+        positions = np.arange(first_position, first_position + m, dtype=np.int64)
+        kernels.rope_apply_(q, nq, hd, positions, self.inv_freq, self.concentration)
+        kernels.rope_apply_(k, nkv, hd, positions, self.inv_freq, self.concentration)
+        # keys and values join the cache; attention with sinks (and the window on sliding layers)
+        kernels.kv_store(k, v, cache.keys[layer], cache.values[layer], first_position)
+        attn = kernels.attention(q, nq, cache.keys[layer], cache.values[layer], first_position,
+                                 cache.window(layer), w.sinks, self.attn_scale, out=s.attn[:m])
+        # x = x + attn W_out^T + b
+        kernels.add_(x, kernels.matmul(attn, w.out_weight, w.out_bias, out=s.proj[:m]))
+
+    # ------------------------------------------------------------------ MoE block
+
+    def route(self, layer: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top experts_per_token experts of each token and their softmax weights."""
+        w = self.layers[layer]
+        logits = kernels.matmul(t, w.gate_weight, w.gate_bias, out=self.state.router[:t.shape[0]])
+        return kernels.topk_softmax(logits, self.config.experts_per_token)
+
+    def moe_block(self, layer: int, x: np.ndarray) -> None:
+        cfg, w, s = self.config, self.layers[layer], self.state
+        m = x.shape[0]
+        # t = norm(x); route each token to its top experts
+        t = kernels.rmsnorm(x, w.mlp_norm, cfg.rms_norm_eps, out=s.t[:m])
+        indices, weights = self.route(layer, t)
+        acc = s.moe_acc[:m]
+        acc.fill(0.0)
+        # Group the tokens by expert so each routed expert is dequantized once per chunk and runs as one
+        # M = (tokens routed to it) matmul.
+        flat = indices.reshape(-1)
+        for expert in np.unique(flat):
+            hits = np.flatnonzero(flat == expert)
+            rows = (hits // cfg.experts_per_token).astype(np.int32)
+            n = rows.size
+            xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
+                                                                                   out=s.gathered[:n])
+            e = self.experts.get(layer, int(expert))
+            # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
+            h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n],
+                                     tile_rows=EXPERT_TILE_ROWS)
+            a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
+            y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n],
+                                     tile_rows=EXPERT_TILE_ROWS)
+            # acc[token] += weight_e * y_e
+            kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
+        # x = x + bf16(sum_e weight_e y_e)
+        kernels.add_f32_(x, acc)
