@@ -71,7 +71,14 @@ class ReplyPrinter:
         self.channel: str | None = None
 
     def __call__(self, token: int) -> None:
-        for event in self.parser.feed(token):
+        self._show(self.parser.feed(token))
+
+    def finish(self) -> None:
+        """Generation ended (stop tokens never reach on_token): flush the message in progress."""
+        self._show(self.parser.finish())
+
+    def _show(self, events) -> None:
+        for event in events:
             if event.kind == "channel_start":
                 self.channel = event.channel
                 if self.show_analysis and event.channel not in (None, "final"):
@@ -117,6 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
                       on_token=on_token, context_length=args.context)
     if args.raw:
         print(decoder.flush(), end="", flush=True)
+    else:
+        on_token.finish()
     print(flush=True)
     print_speed(result)
     return 0
@@ -180,6 +189,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"\n{e}; use /reset", file=sys.stderr)
             history.pop()
             continue
+        printer.finish()
         print(flush=True)
         history.extend(m for m in printer.parser.messages() if (m.channel or "final") == "final")
         if args.verbose:
