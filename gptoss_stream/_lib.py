@@ -6,6 +6,7 @@ Pointers cross the boundary as plain integers (numpy's `arr.ctypes.data`), so ca
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 import site
 import sys
@@ -48,6 +49,13 @@ def _find_library() -> Path:
     candidates = [Path(env)] if env else []
     # Installed wheel: next to this file. Developer build: `cmake -S . -B build` in the source tree.
     candidates += [_HERE / _LIB_NAME, _HERE.parent / "build" / _LIB_NAME]
+    # Running from a source checkout (e.g. the tests) with the package also pip-installed: use the
+    # library that the install compiled.
+    try:
+        installed = importlib.metadata.distribution("gptoss-stream").locate_file(f"gptoss_stream/{_LIB_NAME}")
+        candidates.append(Path(str(installed)))
+    except importlib.metadata.PackageNotFoundError:
+        pass
     for path in candidates:
         if path.exists():
             return path
