@@ -1,0 +1,365 @@
+/*
+ * Matmuls through oneDNN: y = x W^T (+ b), bf16 inputs, fp32 accumulation, bf16 or fp32 output.
+ *
+ * W stays where the checkpoint put it, [n, k] row-major: to oneDNN that is a [k, n] weights tensor with
+ * strides {1, k} (format "ba"), so no reorder and no copy of the weights is ever made by us. x and y may be
+ * column slices of wider matrices (row strides ldx, ldy).
+ *
+ * Global state (the only global state besides runtime.c's settings, see gptoss.h):
+ *  - one oneDNN CPU engine, created on first use and kept for the life of the process;
+ *  - a cache of matmul primitives, a fixed array of CACHE_CAPACITY entries searched linearly (a handful of
+ *    shapes per model: a hash would buy nothing) and evicted least-recently-used. The key is the shape
+ *    (m, n, k, ldx, ldy), whether there is a bias, the output dtype, and the thread count the primitive was
+ *    planned for: oneDNN splits work for the thread count it sees at creation, so a primitive must not
+ *    outlive a gptoss_set_num_threads() change;
+ *  - per-lane execution state (a stream and a scratchpad buffer per concurrently running tile; lane 0 serves
+ *    plain calls). Primitives are created in "user scratchpad" mode so that two threads can execute the same
+ *    primitive at once with their own scratchpads (oneDNN's library-managed scratchpad is shared between
+ *    every primitive created on one thread, so concurrent execution would race on it).
+ * A mutex serialises the public entry points, so concurrent callers are safe, merely not concurrent.
+ */
+#include "gptoss.h"
+
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+/* mxfp4.c: validated once per matmul here, then called per tile. */
+void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,
+                                        size_t row_begin, size_t row_end, gptoss_bf16 *out);
+
+enum { CACHE_CAPACITY = 64, MD_SRC, MD_WEIGHTS, MD_BIAS, MD_DST, MD_SCRATCHPAD, MD_COUNT };
+
+/* Dequantized weight tile of gptoss_matmul_mxfp4 when the caller leaves tile_rows = 0: half of a Zen4 /
+ * recent Intel L2 (1-2 MiB per core), so the tile, oneDNN's packed copy of it and the streaming MXFP4 input
+ * all stay in L2 while oneDNN reads the tile right after it was written. Measured in tools/bench_kernels.py. */
+#define DEFAULT_TILE_BYTES ((size_t)512 * 1024)
+
+typedef struct {
+    size_t m, n, k, ldx, ldy;
+    int has_bias, y_dtype, threads;
+} matmul_key;
+
+typedef struct {
+    matmul_key key;
+    dnnl_primitive_t primitive; /* NULL: free slot */
+    dnnl_memory_desc_t md[MD_COUNT];
+    size_t scratchpad_bytes;
+    uint64_t last_use;
+} cache_entry;
+
+typedef struct {
+    dnnl_stream_t stream;
+    void *scratchpad;
+    size_t scratchpad_bytes;
+} lane;
+
+static pthread_mutex_t matmul_lock = PTHREAD_MUTEX_INITIALIZER;
+static dnnl_engine_t engine;
+static cache_entry cache[CACHE_CAPACITY];
+static uint64_t use_clock;
+static lane *lanes;
+static size_t n_lanes;
+
+/* ---------------------------------------------------------------- oneDNN objects */
+
+static int ensure_engine(void) {
+    if (engine) return GPTOSS_OK;
+    return dnnl_engine_create(&engine, dnnl_cpu, 0) == dnnl_success ? GPTOSS_OK : GPTOSS_ERR_ONEDNN;
+}
+
+static void destroy_entry(cache_entry *e) {
+    if (e->primitive) dnnl_primitive_destroy(e->primitive);
+    for (int i = 0; i < MD_COUNT; i++)
+        if (e->md[i]) dnnl_memory_desc_destroy(e->md[i]);
+    memset(e, 0, sizeof *e);
+}
+
+static int make_md(dnnl_memory_desc_t *md, size_t rows, size_t cols, size_t row_stride, size_t col_stride,
+                   dnnl_data_type_t dtype) {
+    dnnl_dims_t dims = {(dnnl_dim_t)rows, (dnnl_dim_t)cols};
+    dnnl_dims_t strides = {(dnnl_dim_t)row_stride, (dnnl_dim_t)col_stride};
+    return dnnl_memory_desc_create_with_strides(md, 2, dims, dtype, strides) == dnnl_success ? GPTOSS_OK
+                                                                                              : GPTOSS_ERR_ONEDNN;
+}
+
+/* Builds the primitive for key into e (which must be zeroed); on failure e is left zeroed. */
+static int create_entry(cache_entry *e, const matmul_key *key) {
+    const matmul_key K = *key;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    int status = GPTOSS_ERR_ONEDNN;
+    e->key = K;
+    dnnl_data_type_t y_type = K.y_dtype == GPTOSS_DTYPE_F32 ? dnnl_f32 : dnnl_bf16;
+    if (make_md(&e->md[MD_SRC], K.m, K.k, K.ldx, 1, dnnl_bf16) ||
+        make_md(&e->md[MD_WEIGHTS], K.k, K.n, 1, K.k, dnnl_bf16) || /* W[n, k] seen as "ba" [k, n] */
+        (K.has_bias && make_md(&e->md[MD_BIAS], 1, K.n, K.n, 1, dnnl_bf16)) ||
+        make_md(&e->md[MD_DST], K.m, K.n, K.ldy, 1, y_type))
+        goto fail;
+    if (dnnl_primitive_attr_create(&attr) != dnnl_success ||
+        dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) != dnnl_success)
+        goto fail;
+    /* oneDNN plans its thread split for omp_get_max_threads() at creation time: make that key.threads. */
+    int saved_threads = omp_get_max_threads();
+    if (saved_threads != K.threads) omp_set_num_threads(K.threads);
+    dnnl_status_t st = dnnl_matmul_primitive_desc_create(&pd, engine, e->md[MD_SRC], e->md[MD_WEIGHTS],
+                                                         e->md[MD_BIAS], e->md[MD_DST], attr);
+    if (st == dnnl_success) st = dnnl_primitive_create(&e->primitive, pd);
+    if (saved_threads != K.threads) omp_set_num_threads(saved_threads);
+    if (st != dnnl_success) goto fail;
+    const_dnnl_memory_desc_t scratch_md = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    e->scratchpad_bytes = scratch_md ? dnnl_memory_desc_get_size(scratch_md) : 0;
+    if (e->scratchpad_bytes && dnnl_memory_desc_clone(&e->md[MD_SCRATCHPAD], scratch_md) != dnnl_success) goto fail;
+    status = GPTOSS_OK;
+fail:
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    if (status != GPTOSS_OK) destroy_entry(e);
+    return status;
+}
+
+static int same_key(const matmul_key *a, const matmul_key *b) {
+    return a->m == b->m && a->n == b->n && a->k == b->k && a->ldx == b->ldx && a->ldy == b->ldy &&
+           a->has_bias == b->has_bias && a->y_dtype == b->y_dtype && a->threads == b->threads;
+}
+
+/* The cached primitive for key, created (evicting the least recently used entry) if needed. */
+static int get_primitive(const matmul_key *key, cache_entry **out) {
+    int status = ensure_engine();
+    if (status) return status;
+    cache_entry *victim = &cache[0];
+    for (int i = 0; i < CACHE_CAPACITY; i++) {
+        cache_entry *e = &cache[i];
+        if (e->primitive && same_key(&e->key, key)) {
+            e->last_use = ++use_clock;
+            *out = e;
+            return GPTOSS_OK;
+        }
+        if (!e->primitive) {
+            if (victim->primitive) victim = e; /* prefer a free slot */
+        } else if (victim->primitive && e->last_use < victim->last_use) {
+            victim = e;
+        }
+    }
+    destroy_entry(victim);
+    status = create_entry(victim, key);
+    if (status) return status;
+    victim->last_use = ++use_clock;
+    *out = victim;
+    return GPTOSS_OK;
+}
+
+/* Lanes 0..count-1 exist and each has a scratchpad of at least bytes. */
+static int ensure_lanes(size_t count, size_t bytes) {
+    if (count > n_lanes) {
+        lane *grown = realloc(lanes, count * sizeof *lanes);
+        if (!grown) return GPTOSS_ERR_NO_MEMORY;
+        memset(grown + n_lanes, 0, (count - n_lanes) * sizeof *lanes);
+        lanes = grown;
+        n_lanes = count;
+    }
+    for (size_t i = 0; i < count; i++) {
+        lane *l = &lanes[i];
+        if (!l->stream && dnnl_stream_create(&l->stream, engine, dnnl_stream_in_order) != dnnl_success) {
+            l->stream = NULL;
+            return GPTOSS_ERR_ONEDNN;
+        }
+        if (bytes > l->scratchpad_bytes) {
+            void *p = NULL;
+            size_t rounded = (bytes + 63) / 64 * 64;
+            if (posix_memalign(&p, 64, rounded)) return GPTOSS_ERR_NO_MEMORY;
+            free(l->scratchpad);
+            l->scratchpad = p;
+            l->scratchpad_bytes = rounded;
+        }
+    }
+    return GPTOSS_OK;
+}
+
+/* Runs e's primitive on the given buffers with lane l's stream and scratchpad. Safe to call from several
+ * threads at once with distinct lanes. */
+static int execute(const cache_entry *e, lane *l, const void *x, const void *w, const void *bias, void *y) {
+    static const int arg_kind[MD_COUNT] = {
+        [MD_SRC] = DNNL_ARG_SRC, [MD_WEIGHTS] = DNNL_ARG_WEIGHTS, [MD_BIAS] = DNNL_ARG_BIAS,
+        [MD_DST] = DNNL_ARG_DST, [MD_SCRATCHPAD] = DNNL_ARG_SCRATCHPAD};
+    void *handle[MD_COUNT] = {[MD_SRC] = (void *)x, [MD_WEIGHTS] = (void *)w, [MD_BIAS] = (void *)bias,
+                              [MD_DST] = y, [MD_SCRATCHPAD] = l->scratchpad};
+    dnnl_memory_t mem[MD_COUNT] = {0};
+    dnnl_exec_arg_t args[MD_COUNT];
+    int nargs = 0, status = GPTOSS_OK;
+    for (int i = MD_SRC; i < MD_COUNT; i++) {
+        if (!e->md[i]) continue;
+        if (dnnl_memory_create(&mem[i], e->md[i], engine, handle[i]) != dnnl_success) {
+            mem[i] = NULL;
+            status = GPTOSS_ERR_ONEDNN;
+            goto done;
+        }
+        args[nargs].arg = arg_kind[i];
+        args[nargs].memory = mem[i];
+        nargs++;
+    }
+    if (dnnl_primitive_execute(e->primitive, l->stream, nargs, args) != dnnl_success ||
+        dnnl_stream_wait(l->stream) != dnnl_success)
+        status = GPTOSS_ERR_ONEDNN;
+done:
+    for (int i = MD_SRC; i < MD_COUNT; i++)
+        if (mem[i]) dnnl_memory_destroy(mem[i]);
+    return status;
+}
+
+/* ---------------------------------------------------------------- validation helpers */
+
+/* Bytes spanned by `rows` rows of `cols` elements with row stride ld; 0 on overflow or beyond PTRDIFF_MAX
+ * (oneDNN dims and offsets are signed 64-bit). rows, cols >= 1 and ld >= cols are checked by the caller. */
+static size_t span_bytes(size_t rows, size_t cols, size_t ld, size_t elem) {
+    size_t elems, bytes;
+    if (__builtin_mul_overflow(rows - 1, ld, &elems) || __builtin_add_overflow(elems, cols, &elems) ||
+        __builtin_mul_overflow(elems, elem, &bytes) || bytes > (size_t)PTRDIFF_MAX)
+        return 0;
+    return bytes;
+}
+
+/* ---------------------------------------------------------------- public API */
+
+GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const gptoss_bf16 *w,
+                                  size_t n, const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
+    if (!x || !w || !y) return GPTOSS_ERR_NULL_POINTER;
+    if (y_dtype != GPTOSS_DTYPE_BF16 && y_dtype != GPTOSS_DTYPE_F32) return GPTOSS_ERR_OUT_OF_RANGE;
+    if (m == 0 || n == 0 || k == 0 || ldx < k || ldy < n) return GPTOSS_ERR_BAD_SIZE;
+    size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
+    if (!span_bytes(m, k, ldx, sizeof(gptoss_bf16)) || !span_bytes(n, k, k, sizeof(gptoss_bf16)) ||
+        !span_bytes(m, n, ldy, y_elem))
+        return GPTOSS_ERR_BAD_SIZE;
+
+    matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = bias != NULL,
+                      .y_dtype = y_dtype, .threads = omp_get_max_threads()};
+    pthread_mutex_lock(&matmul_lock);
+    cache_entry *e;
+    int status = get_primitive(&key, &e);
+    if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
+    if (!status) status = execute(e, &lanes[0], x, w, bias, y);
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
+}
+
+/*
+ * Tiling. A tile is tile_rows rows of W (= tile_rows columns of y). For every tile: dequantize it into a
+ * scratch slot, then one oneDNN matmul reads it back while it is still in L2 and writes y[:, tile].
+ *
+ * Parallelism: when the scratch holds a slot per thread, the tiles are shared out by an `omp parallel for`
+ * and each thread runs oneDNN single-threaded on its own tile (primitives planned for 1 thread, own lane).
+ * Each core then dequantizes and multiplies its own tile in its own L2, with no barrier between the two
+ * steps. The alternative (tiles in sequence, dequantize with all threads then one oneDNN call with all
+ * threads) pays two fork/joins per tile and moves half of each tile between cores; at M=1 it measured
+ * slower (tools/bench_kernels.py --mxfp4-modes). When the scratch holds one slot only, that alternative is
+ * what runs.
+ */
+GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, const uint8_t *blocks,
+                                   const uint8_t *scales, size_t n, const gptoss_bf16 *bias, gptoss_bf16 *y,
+                                   size_t ldy, gptoss_bf16 *scratch, size_t scratch_elems, size_t tile_rows) {
+    if (!x || !blocks || !scales || !y || !scratch) return GPTOSS_ERR_NULL_POINTER;
+    if (m == 0 || n == 0 || k == 0 || k % 32 || ldy < n) return GPTOSS_ERR_BAD_SIZE;
+    /* The bf16 copy of all of W must be addressable (it bounds the MXFP4 sizes and every tile). */
+    if (!span_bytes(m, k, k, sizeof(gptoss_bf16)) || !span_bytes(n, k, k, sizeof(gptoss_bf16)) ||
+        !span_bytes(m, n, ldy, sizeof(gptoss_bf16)))
+        return GPTOSS_ERR_BAD_SIZE;
+    if (scratch_elems > (size_t)PTRDIFF_MAX / sizeof(gptoss_bf16)) return GPTOSS_ERR_BAD_SIZE;
+
+    size_t threads = (size_t)omp_get_max_threads();
+    size_t rows = tile_rows;
+    if (rows == 0) {
+        /* ~DEFAULT_TILE_BYTES, a multiple of 32 columns (oneDNN's blocking), no more tiles than needed to
+         * give every thread work, and no more than the scratch holds. */
+        rows = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
+        size_t per_thread = (n + threads - 1) / threads;
+        if (rows > per_thread) rows = per_thread;
+        rows = rows >= 32 ? rows / 32 * 32 : rows ? rows : 1;
+        if (rows > scratch_elems / k) rows = scratch_elems / k;
+        if (rows == 0) return GPTOSS_ERR_BAD_SIZE; /* scratch smaller than one row of W */
+    }
+    if (rows > n) rows = n;
+    if (scratch_elems / k < rows) return GPTOSS_ERR_BAD_SIZE;
+    size_t tile_elems = rows * k;
+    size_t n_tiles = (n + rows - 1) / rows;
+    size_t last_rows = n - (n_tiles - 1) * rows;
+    size_t n_par = scratch_elems / tile_elems;
+    if (n_par > threads) n_par = threads;
+    if (n_par > n_tiles) n_par = n_tiles;
+    size_t blocks_per_row = k / 32;
+
+    /* Primitives for a full tile and for the last (possibly shorter) one. */
+    int plan_threads = n_par > 1 ? 1 : (int)threads;
+    matmul_key full_key = {.m = m, .n = rows, .k = k, .ldx = k, .ldy = ldy, .has_bias = bias != NULL,
+                           .y_dtype = GPTOSS_DTYPE_BF16, .threads = plan_threads};
+    matmul_key last_key = full_key;
+    last_key.n = last_rows;
+
+    pthread_mutex_lock(&matmul_lock);
+    cache_entry *full = NULL, *last = NULL;
+    int status = get_primitive(&full_key, &full);
+    /* This lookup cannot evict `full`: it was used last and LRU evicts the least recently used entry. */
+    if (!status) status = get_primitive(&last_key, &last);
+    if (!status) {
+        size_t pad = full->scratchpad_bytes > last->scratchpad_bytes ? full->scratchpad_bytes
+                                                                      : last->scratchpad_bytes;
+        status = ensure_lanes(n_par, pad);
+    }
+    if (status) {
+        pthread_mutex_unlock(&matmul_lock);
+        return status;
+    }
+
+    if (n_par > 1) {
+        int failed = GPTOSS_OK;
+        #pragma omp parallel for num_threads((int)n_par) schedule(static)
+        for (size_t t = 0; t < n_tiles; t++) {
+            size_t lane_id = (size_t)omp_get_thread_num();
+            gptoss_bf16 *tile = scratch + lane_id * tile_elems;
+            size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
+            gptoss_dequantize_mxfp4_unchecked(blocks, scales, blocks_per_row, r0, r1, tile);
+            int st = execute(t + 1 == n_tiles ? last : full, &lanes[lane_id], x, tile, bias ? bias + r0 : NULL,
+                             y + r0);
+            if (st) {
+                #pragma omp atomic write
+                failed = st;
+            }
+        }
+        status = failed;
+    } else {
+        for (size_t t = 0; t < n_tiles && !status; t++) {
+            size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
+            status = gptoss_dequantize_mxfp4_rows(blocks, scales, n, blocks_per_row, r0, r1, scratch);
+            if (!status)
+                status = execute(t + 1 == n_tiles ? last : full, &lanes[0], x, scratch, bias ? bias + r0 : NULL,
+                                 y + r0);
+        }
+    }
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
+}
+
+GPTOSS_API size_t gptoss_matmul_cache_size(void) {
+    pthread_mutex_lock(&matmul_lock);
+    size_t count = 0;
+    for (int i = 0; i < CACHE_CAPACITY; i++) count += cache[i].primitive != NULL;
+    pthread_mutex_unlock(&matmul_lock);
+    return count;
+}
+
+GPTOSS_API void gptoss_matmul_cache_clear(void) {
+    pthread_mutex_lock(&matmul_lock);
+    for (int i = 0; i < CACHE_CAPACITY; i++) destroy_entry(&cache[i]);
+    for (size_t i = 0; i < n_lanes; i++) {
+        if (lanes[i].stream) dnnl_stream_destroy(lanes[i].stream);
+        free(lanes[i].scratchpad);
+    }
+    free(lanes);
+    lanes = NULL;
+    n_lanes = 0;
+    pthread_mutex_unlock(&matmul_lock);
+}
