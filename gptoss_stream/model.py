@@ -158,7 +158,9 @@ class Model:
         """Top experts_per_token experts of each token and their softmax weights."""
         w = self.layers[layer]
         logits = kernels.matmul(t, w.gate_weight, w.gate_bias, out=self.state.router[:t.shape[0]])
-        return kernels.topk_softmax(logits, self.config.experts_per_token)
+        indices, weights = kernels.topk_softmax(logits, self.config.experts_per_token)
+        # Both references (gpt-oss and transformers) keep the routing weights in bf16.
+        return indices, kernels.bf16_to_f32(kernels.f32_to_bf16(weights))
 
     def moe_block(self, layer: int, x: np.ndarray) -> None:
         cfg, w, s = self.config, self.layers[layer], self.state
