@@ -10,7 +10,8 @@ import sys
 import time
 from typing import TextIO
 
-_UNITS = ((1 << 40, "TB"), (1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "KB"))
+# Decimal units, like disk vendors, `ls --si` and the sizes quoted in SPEC.md (13.8 GB for 20b).
+_UNITS = ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "KB"))
 
 
 def format_bytes(n: float) -> str:

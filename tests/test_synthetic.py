@@ -320,7 +320,7 @@ def test_progress_bar_log_mode():
     bar.update(40_000_000)
     line = out.getvalue()
     assert line.endswith("\n") and "writing" in line and " 50.0%" in line and "25.0 MB/s" in line
-    assert "ETA 00:02" in line and "47.7 MB/95.4 MB" in line
+    assert "ETA 00:02" in line and "50.0 MB/100.0 MB" in line
     clock.t = 4.0
     bar.update(50_000_000)
     bar.close()
@@ -346,5 +346,5 @@ def test_progress_bar_tty_mode_and_disabled():
     with ProgressBar(10, stream=quiet, enabled=False) as bar:
         bar.update(10)
     assert quiet.getvalue() == ""
-    assert format_bytes(1536) == "1.5 KB" and format_bytes(12) == "12 B"
+    assert format_bytes(1536) == "1.5 KB" and format_bytes(13_760_000_000) == "13.8 GB" and format_bytes(12) == "12 B"
     assert format_duration(3725) == "1:02:05" and format_duration(float("nan")) == "--:--"
