@@ -45,6 +45,7 @@ import re
 import shutil
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -403,11 +404,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "make-checkpoint",
         help="write a synthetic gpt-oss checkpoint in the official original and/or Hugging Face format",
-        description=(
+        description=textwrap.fill(
             "Write a synthetic gpt-oss checkpoint with random weights shaped like a trained model's, in the exact "
             "layout of the published checkpoints: 'original' (config.json + model.safetensors, as in the repos' "
             "original/ folder) or 'hf' (config.json + model-0000X-of-0000Y.safetensors + index). Deterministic: "
-            "the same --seed gives bit-identical weights in both formats. Presets: " + presets + "."
+            "the same --seed gives bit-identical weights in both formats. Presets: " + presets + ".", width=79
         ),
         epilog=("examples:\n"
                 "  gptoss make-checkpoint /tmp/tiny --preset tiny --format both\n"
