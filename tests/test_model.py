@@ -10,10 +10,15 @@ top-2 margin is larger than that bound (a smaller margin is a genuine tie at bf1
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import numpy_reference as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from gptoss_stream.checkpoint import Checkpoint
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.generate import generate
@@ -134,6 +139,14 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
         assert np.median(rows) < HF_BOUND / 2
         assert np.mean(rows > HF_BOUND) <= 0.02
         assert_greedy_agrees(ours, theirs, HF_BOUND)
+    # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
+    from hf_reference import hf_hidden_states
+
+    import compare_reference
+
+    streams, logits = hf_hidden_states(hf, prompt(17))
+    rows = compare_reference.compare_layers(model, streams, logits, compare_reference.DEFAULT_MAX_ULPS["hf"])
+    assert all(r["ok"] for r in rows), rows
     # Greedy decoding through both KV caches: identical tokens.
     tokens = prompt(17, seed=5)
     theirs, _ = hf_generate_greedy(hf, tokens, greedy_steps)
@@ -158,3 +171,24 @@ def full_width_checkpoint(tmp_path_factory):
 def test_full_width_matches_transformers(full_width_checkpoint):
     model = Model(Checkpoint.open(full_width_checkpoint / "original"))
     hf_compare(model, full_width_checkpoint / "hf", lengths=[1, 17, 300], greedy_steps=32)
+
+
+# ---------------------------------------------------------------------------- layer-by-layer mode
+
+
+def test_layer_by_layer_matches_and_finds_a_broken_layer(tiny_original):
+    import compare_reference
+
+    checkpoint = Checkpoint.open(tiny_original)
+    tokens = prompt(17)
+    streams = ref.forward_layers(checkpoint, tokens)
+    logits = ref.unembed(checkpoint, streams[-1])
+    limit = compare_reference.DEFAULT_MAX_ULPS["numpy"]
+    rows = compare_reference.compare_layers(Model(checkpoint), streams, logits, limit)
+    assert all(r["ok"] for r in rows), rows
+    # Negate layer 2's sinks (flip the bf16 sign bit): the report must name layer 2 and only layer 2.
+    broken = Model(checkpoint)
+    broken.layers[2].sinks = (broken.layers[2].sinks.astype(np.int32) ^ 0x8000).astype(np.uint16)  # negate
+    rows = compare_reference.compare_layers(broken, streams, logits, limit)
+    assert [r["where"] for r in rows if not r["ok"]][0] == "layer 2"
+    assert all(r["ok"] for r in rows if r["where"] in ("layer 0", "layer 1", "layer 3"))
