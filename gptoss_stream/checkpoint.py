@@ -264,6 +264,9 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | os.PathLike, format: str | None = None) -> "Checkpoint":
+        from gptoss_stream import repacked  # `gptoss repack` output has its own reader (same API)
+        if format in (None, repacked.FORMAT) and repacked.is_repacked(path):
+            return repacked.RepackedCheckpoint.open(path)
         fmt, d = locate(path, format)
         config = load_config(d)
         files: dict[str, SafetensorsFile] = {}

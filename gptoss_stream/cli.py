@@ -213,7 +213,7 @@ def add_chat_parser(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Each command module registers its own sub-parser and sets `func`; heavy imports stay inside the
     # commands so `gptoss --help` is instant.
-    from gptoss_stream import synthetic
+    from gptoss_stream import repack, synthetic
 
     parser = argparse.ArgumentParser(
         prog="gptoss",
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_chat_parser(subparsers)
     synthetic.add_parser(subparsers)
+    repack.add_parser(subparsers)
     return parser
 
 
