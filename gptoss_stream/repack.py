@@ -731,9 +731,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         rate = result.bytes_written / result.seconds / 1e6 if result.seconds > 0 else 0.0
         print(f"{result.status} {result.dst}: {result.shards} shards, {format_bytes(result.total_bytes)} "
-              f"({format_bytes(result.bytes_written)} this run) in {result.seconds:.1f} s, {rate:.0f} MB/s")
+              f"({format_bytes(result.bytes_written)} this run) in {result.seconds:.1f} s, {rate:.1f} MB/s")
     if args.verify:
         rate = result.verified_bytes / result.verify_seconds / 1e6 if result.verify_seconds > 0 else 0.0
         print(f"verified {format_bytes(result.verified_bytes)} against {args.src} and the manifest in "
-              f"{result.verify_seconds:.1f} s, {rate:.0f} MB/s: OK")
+              f"{result.verify_seconds:.1f} s, {rate:.1f} MB/s: OK")
     return 0
