@@ -7,6 +7,8 @@ bf16 arrays are np.uint16 holding raw bfloat16 bits. Each wrapper checks dtypes,
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from gptoss_stream import _lib
@@ -312,3 +314,19 @@ def kv_store(
         raise ValueError(f"k {k.shape} does not fit caches {k_cache.shape}")
     _lib.call("gptoss_kv_store", _ptr(k), _ptr(v), k.shape[0], ldk, n_kv_heads, head_dim, _ptr(k_cache),
               _ptr(v_cache), capacity, first_position)
+
+
+# ---------------------------------------------------------------- residency
+
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+def mincore(address: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Residency (1/0, u8) of each page that bytes [address, address + length) of a mapping touch."""
+    if length <= 0:
+        raise ValueError(f"length must be positive, got {length}")
+    n_pages = (address % PAGE_SIZE + length + PAGE_SIZE - 1) // PAGE_SIZE
+    out = _out(out, (n_pages,), np.uint8)
+    _lib.call("gptoss_mincore", address, length, _ptr(out))
+    return out

@@ -174,6 +174,16 @@ int gptoss_kv_store(const gptoss_bf16 *k, const gptoss_bf16 *v, size_t m, size_t
                     size_t head_dim, gptoss_bf16 *k_cache, gptoss_bf16 *v_cache, size_t capacity,
                     size_t first_position);
 
+/* ---------------------------------------------------------------- residency.c */
+
+/*
+ * Which pages of [addr, addr + length) of a mapping are in memory (for a file mapping: in the page cache),
+ * without faulting any in: vec[i] = 1 or 0 for the i-th page of the range rounded out to whole pages, so vec
+ * holds (addr % page + length + page - 1) / page bytes. GPTOSS_ERR_OUT_OF_RANGE if part of the range is
+ * not mapped. For files the caller neither owns nor may write, Linux reports only pages this process maps.
+ */
+int gptoss_mincore(const void *addr, size_t length, uint8_t *vec);
+
 #ifdef __cplusplus
 }
 #endif
