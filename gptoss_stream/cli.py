@@ -213,7 +213,7 @@ def add_chat_parser(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Each command module registers its own sub-parser and sets `func`; heavy imports stay inside the
     # commands so `gptoss --help` is instant.
-    from gptoss_stream import repack, synthetic
+    from gptoss_stream import memprof, repack, synthetic
 
     parser = argparse.ArgumentParser(
         prog="gptoss",
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parser(subparsers)
     synthetic.add_parser(subparsers)
     repack.add_parser(subparsers)
+    memprof.add_parser(subparsers)
     return parser
 
 
