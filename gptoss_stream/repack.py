@@ -504,6 +504,10 @@ def repack(src: str | os.PathLike, dst: str | os.PathLike, shard_size: int = DEF
         status, manifest = prepare_destination(dst, skeleton, force)
         total = sum(s.size for s in shards)
         if status == "complete":
+            try:  # cheap: sizes, headers and record places, not the data (that is --verify)
+                RepackedCheckpoint.open(dst).close()
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"{dst}: damaged ({e}); use --force to rewrite it") from None
             result = RepackResult(dst, len(shards), 0, total, time.monotonic() - start, status)
         else:
             result = _write_all(ckpt, dst, shards, skeleton if manifest is None else manifest, status, progress)
@@ -540,13 +544,12 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
             dst.rmdir()
         raise RuntimeError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on that "
                            f"filesystem; nothing written")
-    if status == "fresh":
-        _write_atomic(partial_manifest, _manifest_text(manifest))
-
     files = _Files(ckpt.files())
     kill = _KillSwitch()
     current: Path | None = None
     try:
+        if status == "fresh":
+            _write_atomic(partial_manifest, _manifest_text(manifest))
         with ProgressBar(need, "repack", enabled=progress) as bar:
             for i in todo:
                 s = shards[i]

@@ -250,6 +250,9 @@ def test_rerun_after_completion_does_nothing_and_verifies(micro_checkpoint, micr
     out = capsys.readouterr().out
     assert "nothing to do" in out and "OK" in out
     assert digest(dst) == before
+    next(dst.glob("repacked-00003-*")).unlink()
+    with pytest.raises(ValueError, match="damaged .*not found.*use --force"):
+        rp.repack(micro_checkpoint / "original", dst, shard_size=MICRO_SHARD, progress=False)
 
 
 def test_resume_with_other_options_is_refused(micro_checkpoint, tmp_path):
