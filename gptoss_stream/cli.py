@@ -22,6 +22,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, metavar="N", help="compute threads (default: all cores)")
     p.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="prompt tokens per prefill pass (default 64); larger is faster and uses more scratch")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--ram-budget", type=ram_budget, default=None, metavar="SIZE",
+                        help="memory the run may use, e.g. 4G, 3.5G, 800M (default: what the machine or its "
+                             "cgroup has available); the engine plans KV cache, dense weights and an expert "
+                             "cache from it and stops with the minimum if it is too small")
+    memory.add_argument("--mmap-only", action="store_true",
+                        help="no expert cache: use the mapped checkpoint as it is and let page faults read "
+                             "the experts (the baseline --ram-budget is measured against)")
+    p.add_argument("--stats", action="store_true",
+                   help="print the memory plan and, per phase, disk bytes read per token, expert cache hit "
+                        "rate, prefetch accuracy and I/O stall time (stderr)")
+
+
+def ram_budget(text: str) -> int:
+    from gptoss_stream.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +61,25 @@ def open_model(args: argparse.Namespace):
     from gptoss_stream.model import Model
 
     checkpoint = Checkpoint.open(args.model)
-    return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads)
+    store = args.plan = None
+    if not args.mmap_only:
+        from gptoss_stream.expert_cache import open_budgeted_store
+
+        try:
+            store, args.plan = open_budgeted_store(checkpoint, args.ram_budget, args.context, args.chunk)
+        except BaseException:
+            checkpoint.close()
+            raise
+        if args.stats:
+            print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
+    return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+
+
+def print_stats(args: argparse.Namespace, result) -> None:
+    if args.stats:
+        from gptoss_stream.runstats import report
+
+        print(report(result, args.plan), file=sys.stderr)
 
 
 def make_sampler(args: argparse.Namespace):
@@ -128,6 +166,7 @@ def run_generate(args: argparse.Namespace) -> int:
         on_token.finish()
     print(flush=True)
     print_speed(result)
+    print_stats(args, result)
     return 0
 
 
@@ -194,6 +233,7 @@ def run_chat(args: argparse.Namespace) -> int:
         history.extend(m for m in printer.parser.messages() if (m.channel or "final") == "final")
         if args.verbose:
             print_speed(result)
+        print_stats(args, result)
 
 
 def add_chat_parser(subparsers) -> None:

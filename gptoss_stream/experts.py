@@ -1,12 +1,21 @@
 """Where the model gets an expert's MXFP4 weights from.
 
 The model asks the store for the experts the router picked, layer by layer, and never touches the rest.
+The protocol every store follows (model.Model.moe_block):
+
+    for expert, weights in store.request(layer, experts):   # sorted expert ids; reads start at once
+        ...                                                 # weights stay valid until the next iteration
+    store.prefetch(layer + 1, guessed_experts)              # only if store.prefetches: a hint, may be ignored
+
 `MappedExpertStore` hands out views straight into the checkpoint's memory map: the kernel pages them in on
-first use, and nothing else of the expert tensors is read.
+first use, and nothing else of the expert tensors is read. expert_cache.StreamingExpertStore reads them
+into a RAM-budgeted cache instead (`--ram-budget`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from gptoss_stream.checkpoint import Checkpoint, ExpertWeights
@@ -22,13 +31,30 @@ class ExpertStats:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def copy(self):
+        return dataclasses.replace(self)
+
+    def since(self, earlier: "ExpertStats"):
+        """Counters accumulated after `earlier` (a copy taken before), e.g. for one phase of a generation."""
+        return type(self)(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
+                             for f in dataclasses.fields(self)})
+
 
 class MappedExpertStore:
     """Experts served as zero-copy views of the mapped checkpoint (page faults do the reading)."""
 
+    prefetches = False  # the page cache is the cache: no hints wanted
+
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.stats = ExpertStats()
+
+    def request(self, layer: int, experts: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        experts = [int(e) for e in experts]
+        return ((e, self.get(layer, e)) for e in experts)
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        pass
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         weights = self.checkpoint.expert(layer, expert)

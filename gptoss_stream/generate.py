@@ -10,6 +10,7 @@ import numpy as np
 
 from gptoss_stream.kvcache import KVCache
 from gptoss_stream.model import Model
+from gptoss_stream.runstats import Probe
 from gptoss_stream.sampling import Sampler
 
 
@@ -29,15 +30,22 @@ class GenerationResult:
     stop_token: int | None = None  # the stop token that ended generation (not part of `tokens`), if any
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # Per phase: the expert store's counters and the process's disk reads (runstats.Probe), for --stats.
+    prefill_stats: dict = field(default_factory=dict)
+    decode_stats: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_second(self) -> float:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
-    def decode_tokens_per_second(self) -> float:
+    def decode_steps(self) -> int:
         # The first generated token comes from the prefill logits; decode steps are the ones after it.
-        steps = len(self.tokens) + (self.stop_token is not None) - 1
+        return max(len(self.tokens) + (self.stop_token is not None) - 1, 0)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.decode_steps
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
 
 
@@ -62,9 +70,11 @@ def generate(
     stop = set(stop_tokens)
     result = GenerationResult(prompt_tokens=len(prompt))
 
+    probe = Probe(model.experts)
     start = time.perf_counter()
     logits = prefill(model, cache, prompt)
     result.prefill_seconds = time.perf_counter() - start
+    result.prefill_stats = probe.lap()
 
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -78,4 +88,5 @@ def generate(
         if step + 1 < max_new_tokens:
             logits = decode_one_token(model, cache, token)
     result.decode_seconds = time.perf_counter() - start
+    result.decode_stats = probe.lap()
     return result

@@ -43,6 +43,8 @@ class RunState:
     mlp2: np.ndarray     # (chunk, H) one expert's output
     gathered: np.ndarray  # (chunk, H) the normed inputs of the tokens routed to one expert
     tile: np.ndarray     # (EXPERT_TILE_ROWS * max(H, I),) dequantized expert tile
+    guess_t: np.ndarray  # (chunk, H) the next layer's norm applied early, to guess its experts
+    guess_router: np.ndarray  # (chunk, E) the next layer's router logits on guess_t
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_chunk: int) -> RunState:
@@ -57,6 +59,7 @@ class RunState:
             x=bf16(c, h), t=bf16(c, h), qkv=bf16(c, q_dim + 2 * kv_dim), attn=bf16(c, q_dim), proj=bf16(c, h),
             router=bf16(c, config.num_experts), moe_acc=np.zeros((c, h), dtype=np.float32), mlp1=bf16(c, 2 * i),
             act=bf16(c, i), mlp2=bf16(c, h), gathered=bf16(c, h), tile=bf16(EXPERT_TILE_ROWS * max(h, i)),
+            guess_t=bf16(c, h), guess_router=bf16(c, config.num_experts),
         )
 
     @property
@@ -171,15 +174,20 @@ class Model:
         acc = s.moe_acc[:m]
         acc.fill(0.0)
         # Group the tokens by expert so each routed expert is dequantized once per chunk and runs as one
-        # M = (tokens routed to it) matmul.
+        # M = (tokens routed to it) matmul. Experts come in sorted order whatever the store (the fp32 sum
+        # below depends on the order); the store starts reading the missing ones now.
         flat = indices.reshape(-1)
-        for expert in np.unique(flat):
+        routed = self.experts.request(layer, np.unique(flat))
+        if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
+            # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's likely
+            # experts while this layer computes.
+            self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
+        for expert, e in routed:
             hits = np.flatnonzero(flat == expert)
             rows = (hits // cfg.experts_per_token).astype(np.int32)
             n = rows.size
             xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
                                                                                    out=s.gathered[:n])
-            e = self.experts.get(layer, int(expert))
             # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
             h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n],
                                      tile_rows=EXPERT_TILE_ROWS)
@@ -190,3 +198,18 @@ class Model:
             kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
         # x = x + bf16(sum_e weight_e y_e)
         kernels.add_f32_(x, acc)
+
+    def guess_experts(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The experts `layer` would pick if its MoE ran on the residual x as it is now, most picked first.
+
+        The residual changes little from one layer to the next, so the next layer's norm and router applied
+        to the current residual (after this layer's attention) usually pick the same experts. Only guesses:
+        nothing here touches the activations of the forward pass.
+        """
+        w, s = self.layers[layer], self.state
+        m = x.shape[0]
+        t = kernels.rmsnorm(x, w.mlp_norm, self.config.rms_norm_eps, out=s.guess_t[:m])
+        logits = kernels.matmul(t, w.gate_weight, w.gate_bias, out=s.guess_router[:m])
+        indices, _ = kernels.topk_softmax(logits, self.config.experts_per_token)
+        experts, counts = np.unique(indices, return_counts=True)
+        return experts[np.argsort(-counts, kind="stable")]

@@ -1,0 +1,221 @@
+"""`--ram-budget`: parse a size, and split it between everything the engine keeps in memory.
+
+What a run holds, and why each part is sized the way it is:
+- runtime: the interpreter, numpy, libgptoss + oneDNN and the o200k tokenizer (~150 MB anonymous + ~30 MB
+  of shared libraries, measured with a 64-token prefill on the full-width 2-layer checkpoint).
+- dense weights: every token reads all of attention, routers, norms and the unembedding (2.43 GB bf16 on
+  20b), from the mapping, so those pages must stay in the page cache, and in a memory cgroup the page
+  cache counts against the limit. Of the embedding only the rows of the tokens seen are touched.
+- KV cache: full-attention layers for the whole context, sliding layers as rings (kvcache.KVCache).
+- scratch: the RunState buffers, logits and the sampler's copies of them.
+- expert cache: what is left, in whole expert records (slots); at least two layers' worth (the layer being
+  computed and the one being prefetched). Everything beyond the experts of the model is not needed.
+
+The expert reads themselves use O_DIRECT, so they do not add page cache (reader.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptoss_stream.checkpoint import EXPERT_PIECES, original_tensors
+from gptoss_stream.config import ModelConfig
+
+KIB, MIB, GIB = 2**10, 2**20, 2**30
+
+# Sizes: K/M/G/T and KiB/MiB/... are powers of 1024 (as cgroups, docker --memory and systemd read them);
+# KB/MB/GB/TB are powers of 1000.
+_UNITS = {
+    "": 1, "B": 1,
+    "K": KIB, "M": MIB, "G": GIB, "T": 2**40,
+    "KIB": KIB, "MIB": MIB, "GIB": GIB, "TIB": 2**40,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+}
+
+RUNTIME_BYTES = 224 * MIB   # interpreter + libraries + tokenizer (see module docstring), rounded up
+RESERVE_BYTES = 64 * MIB    # page tables, allocator slack, kernel memory charged to the cgroup
+LOGIT_COPIES = 8            # fp32 logit rows alive at once: forward's result and the sampler's work arrays
+MIN_PREFETCH_LAYERS = 2     # expert slots: the layer in use + the next layer's guesses
+
+
+class BudgetError(ValueError):
+    """The RAM budget cannot hold what the engine needs."""
+
+
+def parse_size(text: str) -> int:
+    """'4G' -> 4 GiB, '3.5G', '800M', '512MiB', '4GB' (10^9), '1000' (bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max or v1 memory.limit_in_bytes), if any."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    base = Path(root)
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if controllers == "":  # v2 (alone, or mounted at unified/ next to v1 controllers)
+            limits.append(_read_int(base / rel / "memory.max"))
+            limits.append(_read_int(base / "unified" / rel / "memory.max"))
+        elif "memory" in controllers.split(","):  # v1
+            limits.append(_read_int(base / "memory" / rel / "memory.limit_in_bytes"))
+    # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
+    real = [n for n in limits if n is not None and n < 2**60]
+    return min(real) if real else None
+
+
+def available_memory() -> int:
+    """What a run may use when no budget is given: MemAvailable, or the cgroup limit if smaller."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * KIB
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup_memory_limit()
+    return min(avail, limit) if limit is not None else avail
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a RAM budget is spent, in bytes."""
+
+    budget: int
+    runtime: int
+    dense: int           # dense weights kept in the page cache
+    kv_cache: int
+    scratch: int
+    reserve: int
+    slot_bytes: int      # one expert record buffer
+    expert_slots: int    # records the expert cache holds
+    min_expert_slots: int
+    total_experts: int
+
+    @property
+    def fixed(self) -> int:
+        return self.runtime + self.dense + self.kv_cache + self.scratch + self.reserve
+
+    @property
+    def expert_cache(self) -> int:
+        return self.expert_slots * self.slot_bytes
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget that runs: everything fixed plus the minimum expert cache."""
+        return self.fixed + self.min_expert_slots * self.slot_bytes
+
+    @property
+    def everything(self) -> int:
+        """The budget at which every expert of the model fits in the cache."""
+        return self.fixed + self.total_experts * self.slot_bytes
+
+    @property
+    def anonymous(self) -> int:
+        """The part that is process memory (RssAnon) rather than page cache."""
+        return self.runtime + self.kv_cache + self.scratch + self.expert_cache
+
+    def describe(self) -> str:
+        share = self.expert_slots / self.total_experts if self.total_experts else 0.0
+        return (f"RAM budget {format_size(self.budget)}: runtime {format_size(self.runtime)}, dense weights "
+                f"(page cache) {format_size(self.dense)}, KV cache {format_size(self.kv_cache)}, scratch "
+                f"{format_size(self.scratch)}, reserve {format_size(self.reserve)}, expert cache "
+                f"{format_size(self.expert_cache)} = {self.expert_slots} of {self.total_experts} experts "
+                f"({share:.0%})")
+
+
+def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096) -> int:
+    """Page-cache bytes of the dense weights a run touches: all but the expert pieces; of the embedding,
+    the pages of at most `context_length` distinct rows."""
+    total = 0
+    for name, (dtype, shape) in original_tensors(config).items():
+        if name.split(".", 2)[-1] in EXPERT_PIECES:
+            continue
+        nbytes = 2 if dtype == "BF16" else 1
+        for d in shape:
+            nbytes *= d
+        if name == "embedding.weight":
+            row = nbytes // shape[0]
+            rows = min(shape[0], context_length)
+            nbytes = min(nbytes, rows * (-(-row // page) + 1) * page)  # a row can straddle one more page
+        total += nbytes
+    return total
+
+
+def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) -> int:
+    """Bytes of kvcache.KVCache(config, context_length, max_chunk) once every position is written."""
+    row = 2 * config.num_key_value_heads * config.head_dim * 2  # keys + values, bf16
+    total = 0
+    for layer in range(config.num_hidden_layers):
+        rows = context_length
+        if config.is_sliding(layer):
+            rows = min(context_length, config.sliding_window + max_chunk - 1)
+        total += rows * row
+    return total
+
+
+def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:
+    from gptoss_stream.model import RunState  # numpy zeros: allocating to measure costs no resident memory
+
+    return RunState.allocate(config, max_chunk).nbytes + LOGIT_COPIES * config.vocab_size * 4
+
+
+def plan_memory(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
+                runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> MemoryPlan:
+    """Split `budget` (bytes); BudgetError naming the minimum if it cannot hold the fixed parts and the
+    minimum expert cache."""
+    if budget <= 0:
+        raise BudgetError(f"RAM budget must be positive, got {budget}")
+    total_experts = config.num_hidden_layers * config.num_experts
+    min_slots = min(total_experts, MIN_PREFETCH_LAYERS * config.experts_per_token)
+    plan = MemoryPlan(
+        budget=budget, runtime=runtime, dense=dense_nbytes(config, context_length),
+        kv_cache=kv_cache_nbytes(config, context_length, max_chunk), scratch=scratch_nbytes(config, max_chunk),
+        reserve=reserve, slot_bytes=slot_bytes, expert_slots=0, min_expert_slots=min_slots,
+        total_experts=total_experts,
+    )
+    slots = min(total_experts, max(0, budget - plan.fixed) // slot_bytes)
+    if slots < min_slots:
+        raise BudgetError(
+            f"RAM budget {format_size(budget)} is too small for this model at context {context_length}: "
+            f"it needs at least {format_size(plan.minimum)} (runtime {format_size(plan.runtime)} + dense weights "
+            f"{format_size(plan.dense)} + KV cache {format_size(plan.kv_cache)} + scratch "
+            f"{format_size(plan.scratch)} + reserve {format_size(plan.reserve)} + {min_slots} expert records of "
+            f"{format_size(slot_bytes)}); a shorter --context lowers the KV cache part")
+    return MemoryPlan(**{**plan.__dict__, "expert_slots": slots})

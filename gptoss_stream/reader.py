@@ -1,0 +1,329 @@
+"""Reading byte ranges of the checkpoint into our own buffers: few large preads, O_DIRECT where possible.
+
+Why not page faults on the mapping: a fault reads one readahead window at a time (synchronously, ~0.5 GB/s
+measured on this machine class, and the window can spill far past the expert), while one pread per piece
+hands the whole piece to the block layer at once (13 MiB O_DIRECT reads: ~2 GB/s). O_DIRECT also keeps
+expert bytes out of the page cache: in a memory cgroup the page cache is charged to the limit, and the
+dense bf16 weights that every token needs must be the pages that stay cached. docs/streaming.md has the
+measurements (tools/bench_stream.py --mode read).
+
+An expert is a *record*: a list of byte ranges (6 pieces in the original/HF layouts, one contiguous range
+in a repacked layout). `plan_record` widens each range to page boundaries, merges ranges whose pages
+touch, and lays the merged reads out back to back in one page-aligned buffer; `FileReader.read_record`
+fills such a buffer. os.preadv releases the GIL and writes straight into the numpy buffer, so a read on
+the I/O thread overlaps the kernels running on the main thread.
+
+`IOThread` runs read jobs in the background: demand reads before prefetches, a queued prefetch can be
+promoted or cancelled, and a failed read is handed to whoever waits for it as a ReadError naming the file
+and offset (never a hang, never a half-filled buffer used as weights).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gptoss_stream.checkpoint import TensorRange
+
+# O_DIRECT needs file offset, length and buffer address aligned to the device's logical block size
+# (512 B here, 4 KiB on some disks); the page size satisfies every device.
+ALIGN = 4096
+
+
+class ReadError(RuntimeError):
+    """A checkpoint read failed or came back short (file truncated or replaced under a running process)."""
+
+
+# ---------------------------------------------------------------------------- record layout
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One read: aligned bytes [file_offset, file_offset + nbytes) of path land at buffer_offset."""
+
+    path: str
+    file_offset: int
+    nbytes: int
+    buffer_offset: int
+    needed_end: int  # file offset of the last byte a piece needs, +1: bytes past it may lie beyond EOF
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """How to read one record into one buffer, and where each requested range ends up in it."""
+
+    extents: tuple[Extent, ...]
+    piece_offsets: tuple[int, ...]  # buffer offset of each requested range, in request order
+    nbytes: int                     # buffer size (a multiple of ALIGN)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(e.nbytes for e in self.extents)
+
+
+def _align_down(n: int, align: int) -> int:
+    return n - n % align
+
+
+def _align_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def plan_record(ranges: Sequence[TensorRange], align: int = ALIGN) -> RecordLayout:
+    """Coalesce ranges (same file, page spans touching or overlapping) into aligned reads into one buffer."""
+    if not ranges:
+        raise ValueError("a record needs at least one byte range")
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i].path, ranges[i].offset))
+    runs: list[list[int]] = []  # [path index into order..., ] grouped
+    spans: list[tuple[str, int, int, int]] = []  # (path, aligned start, aligned end, needed end)
+    for i in order:
+        r = ranges[i]
+        if r.nbytes <= 0 or r.offset < 0:
+            raise ValueError(f"{r.path}: bad byte range offset={r.offset} nbytes={r.nbytes}")
+        start, end = _align_down(r.offset, align), _align_up(r.offset + r.nbytes, align)
+        if spans and spans[-1][0] == r.path and start <= spans[-1][2]:
+            path, s0, e0, n0 = spans[-1]
+            spans[-1] = (path, s0, max(e0, end), max(n0, r.offset + r.nbytes))
+            runs[-1].append(i)
+        else:
+            spans.append((r.path, start, end, r.offset + r.nbytes))
+            runs.append([i])
+    extents: list[Extent] = []
+    piece_offsets = [0] * len(ranges)
+    at = 0
+    for (path, start, end, needed), members in zip(spans, runs):
+        extents.append(Extent(path, start, end - start, at, needed))
+        for i in members:
+            piece_offsets[i] = at + ranges[i].offset - start
+        at += end - start
+    return RecordLayout(tuple(extents), tuple(piece_offsets), at)
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zero-initialised, page-aligned uint8 buffer (private anonymous mapping: pages cost RAM once written,
+    and count as RssAnon; mmap's default for fd -1 would be shared memory)."""
+    m = mmap.mmap(-1, max(_align_up(nbytes, mmap.PAGESIZE), mmap.PAGESIZE),
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(m, dtype=np.uint8, count=nbytes)
+
+
+# ---------------------------------------------------------------------------- synchronous reads
+
+
+@dataclass
+class ReadCounters:
+    reads: int = 0          # pread calls
+    bytes: int = 0          # bytes transferred from the files
+    seconds: float = 0.0    # wall time inside pread
+
+
+class FileReader:
+    """Open-once file descriptors and the pread loop (O_DIRECT when the file system supports it)."""
+
+    def __init__(self, direct: bool | None = None):
+        """direct: True = require O_DIRECT, False = buffered reads, None = O_DIRECT if it works, else buffered."""
+        self.direct_wanted = direct
+        self._fds: dict[str, tuple[int, bool, int]] = {}  # path -> (fd, is_direct, size at open)
+        self._lock = threading.Lock()
+        self.counters = ReadCounters()
+
+    def _open(self, path: str) -> tuple[int, bool, int]:
+        with self._lock:
+            if path in self._fds:
+                return self._fds[path]
+            fd, direct = -1, False
+            if self.direct_wanted is not False and hasattr(os, "O_DIRECT"):
+                try:
+                    fd, direct = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
+                except OSError as e:
+                    if self.direct_wanted:
+                        raise ReadError(f"{path}: cannot open with O_DIRECT ({e.strerror})") from None
+            if fd < 0:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise ReadError(f"{path}: cannot open ({e.strerror})") from None
+            size = os.fstat(fd).st_size
+            self._fds[path] = (fd, direct, size)
+            return self._fds[path]
+
+    def is_direct(self, path: str) -> bool:
+        return self._open(path)[1]
+
+    def read_extent(self, extent: Extent, buffer: np.ndarray) -> None:
+        """Fill buffer[extent.buffer_offset:+nbytes] from the file; ReadError if the needed bytes are not there."""
+        fd, direct, _ = self._open(extent.path)
+        need = extent.needed_end - extent.file_offset  # the bytes past `need` may legitimately lie past EOF
+        view = memoryview(buffer)[extent.buffer_offset:extent.buffer_offset + extent.nbytes]
+        got = 0
+        started = time.perf_counter()
+        try:
+            while got < need:
+                try:
+                    n = os.preadv(fd, [view[got:]], extent.file_offset + got)
+                except OSError as e:
+                    if direct and e.errno == 22 and got == 0:
+                        # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer):
+                        # fall back to buffered reads for this file.
+                        self._reopen_buffered(extent.path)
+                        fd, direct = self._open(extent.path)[:2]
+                        continue
+                    raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset + got} "
+                                    f"failed: {e.strerror}") from None
+                self.counters.reads += 1
+                if n == 0 or (direct and n % ALIGN and got + n < need):
+                    size = os.fstat(fd).st_size
+                    raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got + n} "
+                                    f"while reading bytes {extent.file_offset}..{extent.needed_end} "
+                                    f"(file is {size} bytes; truncated or replaced while running?)")
+                got += n
+                self.counters.bytes += n
+        finally:
+            self.counters.seconds += time.perf_counter() - started
+        if direct:
+            return
+        # Buffered fallback: drop what we just read from the page cache, so expert bytes do not push the
+        # dense weights out (same effect as O_DIRECT, one step later).
+        try:
+            os.posix_fadvise(fd, extent.file_offset, extent.nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+    def _reopen_buffered(self, path: str) -> None:
+        with self._lock:
+            fd, _, size = self._fds[path]
+            os.close(fd)
+            self._fds[path] = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False, size)
+
+    def read_record(self, layout: RecordLayout, buffer: np.ndarray) -> None:
+        if buffer.nbytes < layout.nbytes:
+            raise ValueError(f"buffer of {buffer.nbytes} bytes is too small for a {layout.nbytes}-byte record")
+        for extent in layout.extents:
+            self.read_extent(extent, buffer)
+
+    def check_sizes(self) -> None:
+        """ReadError if a file shrank since it was opened (the mapped dense weights would fault with SIGBUS)."""
+        for path, (fd, _, size) in list(self._fds.items()):
+            now = os.fstat(fd).st_size
+            if now < size:
+                raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+# ---------------------------------------------------------------------------- background reads
+
+DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+
+
+@dataclass(eq=False)
+class ReadJob:
+    """Read one record into one buffer; `done` runs on the I/O thread with the error (None on success)."""
+
+    layout: RecordLayout
+    buffer: np.ndarray
+    done: Callable[["ReadJob", BaseException | None], None]
+    priority: int = DEMAND
+    state: str = "queued"  # queued -> running -> finished | cancelled
+    tag: object = None
+    seconds: float = field(default=0.0)
+
+
+class IOThread:
+    """One background reader: a priority queue of ReadJobs (demand before prefetch, FIFO within a priority).
+
+    One thread is enough: each pread of a multi-MiB extent is split by the block layer into several
+    requests in flight at once, and the consumer only ever waits for one record at a time.
+    """
+
+    def __init__(self, reader: FileReader, name: str = "gptoss-io"):
+        self.reader = reader
+        self._heap: list[tuple[int, int, ReadJob]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: ReadJob) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("I/O thread is closed")
+            job.state = "queued"
+            heapq.heappush(self._heap, (job.priority, next(self._seq), job))
+            self._cv.notify()
+
+    def promote(self, job: ReadJob) -> None:
+        """A queued prefetch became a demand: move it ahead of the other prefetches."""
+        with self._cv:
+            if job.state == "queued" and job.priority != DEMAND:
+                job.priority = DEMAND
+                heapq.heappush(self._heap, (DEMAND, next(self._seq), job))  # the old heap entry goes stale
+                self._cv.notify()
+
+    def cancel(self, job: ReadJob) -> bool:
+        """Cancel a job that has not started; True if it will never run."""
+        with self._cv:
+            if job.state == "queued":
+                job.state = "cancelled"
+                return True
+            return False
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                priority, _, job = heapq.heappop(self._heap)
+                if job.state != "queued" or priority != job.priority:
+                    continue  # cancelled, or a stale entry of a promoted job
+                job.state = "running"
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                self.reader.read_record(job.layout, job.buffer)
+            except BaseException as e:  # forwarded to the consumer; the thread keeps serving
+                error = e
+            job.seconds = time.perf_counter() - started
+            self.busy_seconds += job.seconds
+            with self._cv:
+                job.state = "finished"
+            try:
+                job.done(job, error)
+            except BaseException:
+                pass  # the callback owns its errors; it must not kill the reader
+
+    def close(self) -> None:
+        """Stop after the running job; jobs still queued complete with an error so nobody waits forever."""
+        with self._cv:
+            self._closed = True
+            dropped = [job for _, _, job in self._heap if job.state == "queued"]
+            for job in dropped:
+                job.state = "cancelled"
+            self._heap.clear()
+            self._cv.notify_all()
+        for job in dropped:
+            try:
+                job.done(job, ReadError("the expert reader was closed before this read ran"))
+            except BaseException:
+                pass
+        self._thread.join(timeout=30)

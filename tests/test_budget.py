@@ -1,0 +1,111 @@
+"""--ram-budget: size parsing, the memory plan (and its minimum), cgroup limit detection, CLI errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptoss_stream import cli
+from gptoss_stream.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, format_size,
+                                  kv_cache_nbytes, parse_size, plan_memory)
+from gptoss_stream.checkpoint import Checkpoint, TensorRange
+from gptoss_stream.config import ModelConfig
+from gptoss_stream.expert_cache import record_bound
+from gptoss_stream.kvcache import KVCache
+
+SLOT_20B = 13_271_040  # record_bound of one gpt-oss-20b expert (13.24 MB of pieces + page alignment)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4G", 4 * GIB), ("3.5G", int(3.5 * GIB)), ("800M", 800 * MIB), ("512MiB", 512 * MIB), ("2g", 2 * GIB),
+    ("4GB", 4 * 10**9), ("1.5 GiB", int(1.5 * GIB)), ("1000", 1000), ("64K", 64 * 1024), (" 1T ", 2**40),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "abc", "4X", "-1G", "0", "0G", "4 G B", "1e9"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(3 * GIB) == "3.00 GiB"
+    assert format_size(800 * MIB) == "800.00 MiB"
+    assert format_size(12) == "12 B"
+
+
+def test_record_bound_covers_any_alignment():
+    # 10 bytes can straddle a page boundary: 2 pages; a page-sized piece at an odd offset: 2 pages
+    assert record_bound([TensorRange("f", 4090, 10)]) == 2 * 4096
+    assert record_bound([TensorRange("f", 1, 4096), TensorRange("f", 9000, 1)]) == 2 * 4096 + 2 * 4096
+
+
+def test_parts_of_the_20b_plan():
+    cfg = ModelConfig.preset("20b")
+    # attention 1.27 GB + unembedding 1.16 GB (SPEC §6) + routers/norms, + 4096 embedding rows of 2 pages
+    dense = dense_nbytes(cfg, 4096)
+    assert 2.43e9 < dense < 2.43e9 + 4096 * 3 * 4096 + 20e6
+    assert dense_nbytes(cfg, 1) < dense  # the embedding part follows the context
+    # 12 full layers x 4096 positions + 12 rings of 128 + 63 rows, 8 kv heads x 64 x (k, v) x bf16
+    assert kv_cache_nbytes(cfg, 4096, 64) == (12 * 4096 + 12 * 191) * 2048
+
+    plan = plan_memory(cfg, SLOT_20B, 4 * GIB, 4096, 64)
+    assert plan.fixed + plan.expert_cache <= plan.budget < plan.fixed + plan.expert_cache + SLOT_20B
+    assert plan.expert_slots == (4 * GIB - plan.fixed) // SLOT_20B
+    assert plan.min_expert_slots == 8  # two layers of 4 routed experts
+    assert "expert cache" in plan.describe() and f"{plan.expert_slots} of 768" in plan.describe()
+    # 3G (the smallest target of the benchmark) still runs, with a small cache
+    assert plan_memory(cfg, SLOT_20B, 3 * GIB, 4096, 64).expert_slots >= plan.min_expert_slots
+    # a budget beyond the whole model caps the cache at every expert
+    assert plan_memory(cfg, SLOT_20B, 64 * GIB, 4096, 64).expert_slots == 768
+
+
+def test_budget_below_minimum_names_the_minimum():
+    cfg = ModelConfig.preset("20b")
+    minimum = plan_memory(cfg, SLOT_20B, 4 * GIB, 4096, 64).minimum
+    assert plan_memory(cfg, SLOT_20B, minimum, 4096, 64).expert_slots == 8
+    with pytest.raises(BudgetError, match=f"at least {format_size(minimum)}".replace(".", r"\.")):
+        plan_memory(cfg, SLOT_20B, minimum - 1, 4096, 64)
+    with pytest.raises(BudgetError, match="too small"):
+        plan_memory(cfg, SLOT_20B, 1 * GIB, 4096, 64)
+    # a shorter context needs less (KV cache)
+    assert plan_memory(cfg, SLOT_20B, 4 * GIB, 1024, 64).minimum < minimum
+
+
+def test_kv_plan_matches_the_cache(tiny_original):
+    cfg = Checkpoint.open(tiny_original).config
+    for context, chunk in ((4096, 64), (100, 16), (300, 1)):
+        assert kv_cache_nbytes(cfg, context, chunk) == KVCache(cfg, context, chunk).nbytes
+
+
+def test_cgroup_limits(tmp_path):
+    (tmp_path / "memory" / "bench").mkdir(parents=True)
+    (tmp_path / "memory" / "bench" / "memory.limit_in_bytes").write_text("4294967296\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:pids:/\n5:memory:/bench\n0::/\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path)) == 4 * GIB
+    # v1 without a limit reports a huge number; v2 "max" means none
+    (tmp_path / "memory" / "bench" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path)) is None
+    (tmp_path / "unified" / "memory.max").write_text("3221225472\n")
+    assert cgroup_memory_limit(str(proc), str(tmp_path)) == 3 * GIB
+    assert cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None
+
+
+def test_cli_budget_too_small(tiny_original, capsys):
+    rc = cli.main(["generate", "-m", str(tiny_original), "-p", "hi", "--raw", "-n", "1", "--ram-budget", "1M"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "RAM budget 1.00 MiB is too small" in err and "at least" in err
+
+
+def test_cli_rejects_bad_sizes_and_conflicting_modes(tiny_original, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "-m", str(tiny_original), "-p", "hi", "--ram-budget", "lots"])
+    assert "invalid size 'lots'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "-m", str(tiny_original), "-p", "hi", "--ram-budget", "1G", "--mmap-only"])
+    assert "not allowed with" in capsys.readouterr().err

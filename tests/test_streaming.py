@@ -1,0 +1,328 @@
+"""Expert streaming: record layout, reads, the budgeted cache, prefetch, fault handling, and bit-exact logits.
+
+The streamed run must equal the mapped (unconstrained) run bit for bit: the store hands the kernels the same
+bytes, and the model consumes experts in the same (sorted) order whatever the store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from gptoss_stream import cli
+from gptoss_stream.checkpoint import Checkpoint, TensorRange
+from gptoss_stream.config import ModelConfig
+from gptoss_stream.expert_cache import LFU, LRU, StreamingExpertStore, open_budgeted_store
+from gptoss_stream.experts import MappedExpertStore
+from gptoss_stream.model import Model
+from gptoss_stream.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
+from gptoss_stream.synthetic import make_checkpoint
+
+PIECES = ("mlp1_blocks", "mlp1_scales", "mlp1_bias", "mlp2_blocks", "mlp2_scales", "mlp2_bias")
+
+
+def prompt(n: int, seed: int = 3) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 199_998, size=n).tolist()
+
+
+def run(model: Model, tokens: list[int], prefill: int) -> list[np.ndarray]:
+    """Logits of a prefill of tokens[:prefill] then one decode step per remaining token."""
+    cache = model.new_cache(256)
+    out = [model.forward(tokens[:prefill], cache)]
+    out += [model.forward([t], cache) for t in tokens[prefill:]]
+    return out
+
+
+def in_thread(fn, timeout: float = 120.0):
+    """Run fn on a thread and fail (instead of hanging the suite) if it does not finish in time."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"did not finish in {timeout} s (deadlock?)"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ---------------------------------------------------------------------------- record layout
+
+
+def test_plan_record_coalesces_touching_pages_only():
+    a = TensorRange("/f", 4096 * 3 + 100, 5000)         # pages 3..4
+    b = TensorRange("/f", 4096 * 5 + 7, 10)             # page 5: touches a's span -> one read
+    c = TensorRange("/f", 4096 * 9, 4096)               # pages 9: gap -> its own read
+    d = TensorRange("/g", 4096 * 3 + 100, 5000)         # other file
+    layout = plan_record([c, a, d, b])
+    assert [(e.path, e.file_offset, e.nbytes) for e in layout.extents] == [
+        ("/f", 4096 * 3, 4096 * 3), ("/f", 4096 * 9, 4096), ("/g", 4096 * 3, 4096 * 2)]
+    assert layout.nbytes == layout.read_bytes == 4096 * 6
+    assert all(e.buffer_offset % ALIGN == 0 and e.file_offset % ALIGN == 0 for e in layout.extents)
+    # request order is kept for the piece offsets
+    assert layout.piece_offsets == (4096 * 3, 100, 4096 * 4 + 100, 4096 * 2 + 7)
+    # one contiguous range (a repacked record) is one read
+    assert len(plan_record([TensorRange("/f", 8192, 3 * 4096)]).extents) == 1
+    with pytest.raises(ValueError):
+        plan_record([])
+    with pytest.raises(ValueError, match="bad byte range"):
+        plan_record([TensorRange("/f", 0, 0)])
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_record_returns_the_file_bytes(tiny_original, direct):
+    ck = Checkpoint.open(tiny_original)
+    reader = FileReader(direct=direct)
+    data = np.fromfile(ck.files()[0], dtype=np.uint8)
+    ranges = ck.expert_ranges(2, 5)
+    layout = plan_record(ranges)
+    buf = aligned_buffer(layout.nbytes)
+    assert buf.ctypes.data % ALIGN == 0
+    reader.read_record(layout, buf)
+    for r, at in zip(ranges, layout.piece_offsets):
+        assert np.array_equal(buf[at:at + r.nbytes], data[r.offset:r.offset + r.nbytes])
+    assert reader.is_direct(ck.files()[0]) == direct  # ext4/xfs/tmpfs-free temp dirs support O_DIRECT
+    assert reader.counters.bytes >= layout.read_bytes - ALIGN
+    reader.close()
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_short_read_names_file_and_offset(micro_checkpoint, tmp_path):
+    d = copy_checkpoint(micro_checkpoint / "original", tmp_path / "ck")
+    ck = Checkpoint.open(d)
+    path = ck.files()[0]
+    ranges = ck.expert_ranges(1, 3)
+    last = max(ranges, key=lambda r: r.offset)
+    os.truncate(path, last.offset + 1)
+    reader = FileReader()
+    with pytest.raises(ReadError, match=rf"{path}: unexpected end of file at offset \d+ .*truncated"):
+        reader.read_record(plan_record(ranges), aligned_buffer(1 << 20))
+    assert not (reader.check_sizes() or False)  # opened after the truncation: nothing shrank since
+
+
+def test_io_thread_forwards_errors_and_keeps_serving(micro_checkpoint, tmp_path):
+    d = copy_checkpoint(micro_checkpoint / "original", tmp_path / "ck")
+    ck = Checkpoint.open(d)
+    good = plan_record(ck.expert_ranges(0, 0))
+    bad = plan_record([TensorRange(ck.files()[0], os.path.getsize(ck.files()[0]) + 8192, 100)])
+    io = IOThread(FileReader())
+    done: dict[str, BaseException | None] = {}
+    event = threading.Event()
+
+    def finished(job, error):
+        done[job.tag] = error
+        if len(done) == 2:
+            event.set()
+
+    io.submit(ReadJob(bad, aligned_buffer(bad.nbytes), finished, tag="bad"))
+    io.submit(ReadJob(good, aligned_buffer(good.nbytes), finished, tag="good"))
+    assert event.wait(30)
+    assert isinstance(done["bad"], ReadError) and ck.files()[0] in str(done["bad"])
+    assert done["good"] is None
+    # jobs queued at close complete with an error instead of leaving their waiters hanging
+    io.close()
+    assert not io.alive
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+def test_store_serves_the_mapped_bytes(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    cfg = ck.config
+    with StreamingExpertStore(ck, slots=5) as store:
+        for layer in range(cfg.num_hidden_layers):
+            experts = list(range(0, cfg.num_experts, 2))
+            for e, w in store.request(layer, experts):
+                mapped = ck.expert(layer, e)
+                for name in PIECES:
+                    ours, ref = getattr(w, name), getattr(mapped, name)
+                    assert ours.dtype == ref.dtype and ours.shape == ref.shape, name
+                    assert np.array_equal(ours, ref), (layer, e, name)
+                    assert not ours.flags.writeable
+        s = store.stats
+        assert s.requests == s.hits + s.misses == cfg.num_hidden_layers * len(experts)
+        assert s.evictions > 0 and len(store.cached()) <= 5
+        assert s.bytes_read >= s.misses * ck.expert_nbytes(0, 0)
+
+
+@pytest.mark.parametrize("policy, slots", [(LFU, 8), (LRU, 8), (LFU, 1), (LFU, 32)])
+def test_streamed_logits_are_bit_exact(tiny_original, policy, slots):
+    """Prefill chunks need up to all 8 experts of a layer: 1 slot streams them one at a time."""
+    ck = Checkpoint.open(tiny_original)
+    tokens = prompt(24)
+    reference = run(Model(ck, max_chunk=8), tokens, prefill=16)
+    store = StreamingExpertStore(ck, slots=slots, policy=policy)
+    model = Model(ck, max_chunk=8, expert_store=store)
+    streamed = in_thread(lambda: run(model, tokens, prefill=16))
+    store.close()
+    for a, b in zip(reference, streamed):
+        assert np.array_equal(a, b)
+    s = store.stats
+    total = ck.config.num_hidden_layers * ck.config.num_experts
+    if slots < total:
+        assert s.evictions > 0
+    else:
+        assert s.evictions == 0 and s.reads <= total
+    assert s.predicted > 0 and 0 <= s.predicted_right <= s.predicted
+    assert s.prefetch_used <= s.prefetch_issued
+
+
+def test_hf_layout_streams_the_same(tiny_original, tiny_hf):
+    tokens = prompt(10, seed=4)
+    reference = run(Model(Checkpoint.open(tiny_original), max_chunk=8), tokens, prefill=6)
+    ck = Checkpoint.open(tiny_hf)  # sharded: an expert's pieces may sit in different files
+    with StreamingExpertStore(ck, slots=6) as store:
+        streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=6))
+    for a, b in zip(reference, streamed):
+        assert np.array_equal(a, b)
+
+
+def request_all(store, layer, experts):
+    return [e for e, _ in store.request(layer, experts)]
+
+
+def test_lfu_keeps_a_popular_expert_that_lru_drops(tiny_original):
+    """Layer 0 (a share of 2 slots) uses expert 0 every third request and two newcomers in between:
+    LRU evicts expert 0 each time, LFU keeps it once it has been seen twice."""
+    ck = Checkpoint.open(tiny_original)
+    layers = ck.config.num_hidden_layers
+    hits = {}
+    for policy in (LFU, LRU):
+        with StreamingExpertStore(ck, slots=2 * layers, policy=policy) as store:
+            for layer in range(1, layers):  # the other layers hold their share: the cache is full
+                request_all(store, layer, [0, 1])
+            for step in range(10):
+                request_all(store, 0, [0])
+                request_all(store, 0, [1 + (2 * step) % 7])
+                request_all(store, 0, [1 + (2 * step + 1) % 7])
+            assert len(store.cached()) == 2 * layers
+            hits[policy] = store.stats.hits
+    assert hits[LFU] >= 8 and hits[LRU] == 0  # LFU learns after two returns; LRU never keeps it
+
+
+def test_layers_keep_their_share(tiny_original):
+    """A cyclic scan over layers larger than the cache: each layer keeps its share (slots / layers) instead
+    of one layer's misses evicting the experts every other layer is about to reuse."""
+    ck = Checkpoint.open(tiny_original)
+    layers = ck.config.num_hidden_layers
+    with StreamingExpertStore(ck, slots=2 * layers) as store:
+        for layer in range(layers):
+            request_all(store, layer, [0, 1])
+        for _ in range(2):
+            before = store.stats.copy()
+            for layer in range(layers):  # one newcomer per layer: it replaces one of that layer's own
+                request_all(store, layer, [0])
+                request_all(store, layer, [2 + layer])
+            per_layer = [sum(1 for n, _ in store.cached() if n == layer) for layer in range(layers)]
+            assert per_layer == [2] * layers
+            assert store.stats.since(before).hits >= layers  # expert 0 of every layer survived the scan
+        # a layer that needs more than its share at once borrows from the others...
+        request_all(store, 0, [3, 4, 5])
+        assert sum(1 for n, _ in store.cached() if n == 0) == 3
+        # ...and gives it back when one of them, under its share, needs a slot
+        lender = next(n for n in range(1, layers) if sum(1 for m, _ in store.cached() if m == n) < 2)
+        request_all(store, lender, [7])
+        per_layer = [sum(1 for n, _ in store.cached() if n == layer) for layer in range(layers)]
+        assert per_layer == [2] * layers
+
+
+def test_wrong_guesses_are_evicted_first_and_counted(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        request_all(store, 0, [0, 1, 2, 3])
+        store.prefetch(1, [4, 5, 6, 7])
+        assert store.wait_idle(30)
+        request_all(store, 1, [4, 5, 0, 1])  # two of four guessed right; the cache is full
+        s = store.stats
+        assert (s.predicted, s.predicted_right) == (4, 2)
+        assert (s.prefetch_issued, s.prefetch_used) == (4, 2)
+        assert s.prediction_accuracy == 0.5 and s.prefetch_precision == 0.5
+        assert s.evictions == 2  # the two wrong guesses made room for the two misses
+        assert set(store.cached()) == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 4), (1, 5)}
+
+
+def test_failed_read_is_raised_to_the_model_without_hanging(micro_checkpoint, tmp_path):
+    d = copy_checkpoint(micro_checkpoint / "original", tmp_path / "ck")
+    ck = Checkpoint.open(d)
+    path = ck.files()[0]
+    store = StreamingExpertStore(ck, slots=4)
+    # Truncate after the store opened the file: layer 1's experts (read on the I/O thread) are gone.
+    target = max(ck.expert_ranges(1, 2), key=lambda r: r.offset)
+    with open(path, "r+b") as f:
+        f.truncate(target.offset)
+    with pytest.raises(ReadError, match=rf"{path}: unexpected end of file at offset \d+"):
+        in_thread(lambda: request_all(store, 1, [2]), timeout=30)
+    # a prefetch that fails surfaces when the expert is asked for
+    store.prefetch(1, [3])
+    with pytest.raises(ReadError, match=path):
+        in_thread(lambda: request_all(store, 1, [3]), timeout=30)
+    # the start of every forward checks the files: a shrunk file is an error, not a SIGBUS in the dense weights
+    with pytest.raises(ReadError, match=rf"{path}: file shrank from \d+ to {target.offset} bytes"):
+        request_all(store, 0, [0])
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        request_all(store, 1, [0])
+
+
+def test_mapped_store_protocol(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    store = MappedExpertStore(ck)
+    got = list(store.request(1, np.array([3, 5])))
+    assert [e for e, _ in got] == [3, 5]
+    assert np.shares_memory(got[0][1].mlp1_blocks, ck.expert(1, 3).mlp1_blocks)
+    store.prefetch(2, [1])  # a no-op
+    assert store.stats.requests == 2 and not store.prefetches
+
+
+def test_budgeted_store_from_plan(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    store, plan = open_budgeted_store(ck, 2 << 30, 4096, 64)
+    with store:
+        total = ck.config.num_hidden_layers * ck.config.num_experts
+        assert store.slots == plan.expert_slots == total  # tiny: every expert fits
+        assert store.nbytes == plan.expert_cache
+
+
+def test_cli_stats(tiny_original, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken"))
+    rc = cli.main(["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "3", "-t", "0",
+                   "--ram-budget", "1G", "--stats", "--chunk", "8"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "[stats] plan: RAM budget 1.00 GiB" in err
+    assert "[stats] decode: 2 tokens" in err and "hit rate" in err and "prediction accuracy" in err
+    assert "[stats-json] {" in err
+    rc = cli.main(["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "2", "-t", "0",
+                   "--mmap-only", "--stats"])
+    assert rc == 0
+    assert "page faults do the reading" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_width_streamed_logits_are_bit_exact(tmp_path):
+    """Full-width gpt-oss-20b layers (2 of them, 3.3 GB, ~15 s to write) with a cache of 10 of 64 experts."""
+    cfg = ModelConfig.preset("20b").with_overrides(num_hidden_layers=2)
+    make_checkpoint(tmp_path, cfg, format="original", seed=5, progress=False)
+    ck = Checkpoint.open(tmp_path)
+    tokens = prompt(12, seed=6)
+    reference = run(Model(ck, max_chunk=8), tokens, prefill=8)
+    with StreamingExpertStore(ck, slots=10) as store:
+        streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=8), 1200)
+        assert store.stats.evictions > 0
+    for a, b in zip(reference, streamed):
+        assert np.array_equal(a, b)
