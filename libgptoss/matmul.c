@@ -88,6 +88,26 @@ static int make_md(dnnl_memory_desc_t *md, size_t rows, size_t cols, size_t row_
                                                                                               : GPTOSS_ERR_ONEDNN;
 }
 
+/*
+ * Implementation choice. oneDNN 3.2 ranks its brgemm matmul first, and with W in [n, k] ("ba") layout brgemm
+ * first repacks W into its VNNI blocks and then multiplies: for a single row of x the repacking costs as
+ * much as the product, so an M=1 matmul runs at about half the memory bandwidth. oneDNN's "gemm:jit" matmul
+ * has a GEMV kernel that streams W once; tools/bench_kernels.py measured it ~1.5x faster at M=1 and slower
+ * from M=2 on, so it is preferred for m <= GEMV_MAX_M only.
+ */
+enum { GEMV_MAX_M = 1 };
+
+/* Moves pd to the first implementation whose name starts with prefix; 0 (pd exhausted) if there is none. */
+static int select_impl(dnnl_primitive_desc_t pd, const char *prefix) {
+    do {
+        const char *name = NULL;
+        if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name) == dnnl_success && name &&
+            strncmp(name, prefix, strlen(prefix)) == 0)
+            return 1;
+    } while (dnnl_primitive_desc_next_impl(pd) == dnnl_success);
+    return 0;
+}
+
 /* Builds the primitive for key into e (which must be zeroed); on failure e is left zeroed. */
 static int create_entry(cache_entry *e, const matmul_key *key) {
     const matmul_key K = *key;
@@ -109,6 +129,13 @@ static int create_entry(cache_entry *e, const matmul_key *key) {
     if (saved_threads != K.threads) omp_set_num_threads(K.threads);
     dnnl_status_t st = dnnl_matmul_primitive_desc_create(&pd, engine, e->md[MD_SRC], e->md[MD_WEIGHTS],
                                                          e->md[MD_BIAS], e->md[MD_DST], attr);
+    if (st == dnnl_success && K.m <= GEMV_MAX_M && !select_impl(pd, "gemm:jit")) {
+        /* No GEMV-capable implementation: start over with oneDNN's first choice. */
+        dnnl_primitive_desc_destroy(pd);
+        pd = NULL;
+        st = dnnl_matmul_primitive_desc_create(&pd, engine, e->md[MD_SRC], e->md[MD_WEIGHTS], e->md[MD_BIAS],
+                                               e->md[MD_DST], attr);
+    }
     if (st == dnnl_success) st = dnnl_primitive_create(&e->primitive, pd);
     if (saved_threads != K.threads) omp_set_num_threads(saved_threads);
     if (st != dnnl_success) goto fail;

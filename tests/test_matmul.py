@@ -186,25 +186,24 @@ def test_matmul_mxfp4_equals_dequantize_then_matmul(m, n, k):
     assert np.all(np.abs(a - b) <= tol)
 
 
-@pytest.mark.parametrize("tile_rows", [0, 1, 7, 64, 100, 1000])
+@pytest.mark.parametrize("tile_rows", [0, 3, 7, 64, 100, 1000])
 @pytest.mark.parametrize("scratch_tiles", [1, 3])
 def test_matmul_mxfp4_tilings(tile_rows, scratch_tiles, threads):
     """Every tile size (incl. a last partial tile), serial (scratch for one tile) and parallel tiles, into a
-    strided y, with and without bias."""
+    strided y, with and without bias, M = 1 (oneDNN's GEMV implementation) and M = 3 (brgemm)."""
     rng = np.random.default_rng(tile_rows * 3 + scratch_tiles)
-    m, n, k = 3, 100, 64
+    n, k = 100, 64
     blocks, scales = random_mxfp4(rng, n, k)
-    x = random_bf16(rng, (m, k))
     w = kernels.dequantize_mxfp4_rows(blocks, scales)
     rows = tile_rows or 32
     scratch = np.empty(scratch_tiles * min(rows, n) * k, dtype=np.uint16)
-    for nthreads in (1, 2):
+    for nthreads, m, bias in [(1, 3, None), (2, 1, None), (2, 3, random_bf16(rng, n)), (1, 1, random_bf16(rng, n))]:
         threads(nthreads)
-        for bias in (None, random_bf16(rng, n)):
-            y_wide = np.full((m, n + 9), 0x7F7F, dtype=np.uint16)
-            kernels.matmul_mxfp4(x, blocks, scales, bias, scratch, out=y_wide[:, 4:4 + n], tile_rows=tile_rows)
-            assert_matches(y_wide[:, 4:4 + n], *reference(x, w, bias), k)
-            assert np.all(y_wide[:, :4] == 0x7F7F) and np.all(y_wide[:, 4 + n:] == 0x7F7F)
+        x = random_bf16(rng, (m, k))
+        y_wide = np.full((m, n + 9), 0x7F7F, dtype=np.uint16)
+        kernels.matmul_mxfp4(x, blocks, scales, bias, scratch, out=y_wide[:, 4:4 + n], tile_rows=tile_rows)
+        assert_matches(y_wide[:, 4:4 + n], *reference(x, w, bias), k)
+        assert np.all(y_wide[:, :4] == 0x7F7F) and np.all(y_wide[:, 4 + n:] == 0x7F7F)
 
 
 def test_matmul_mxfp4_cache_stable_on_repeat():

@@ -114,13 +114,14 @@ static void test_dequant_parallel(void) {
     /* >= 256 KiB of output takes the OpenMP path; compare 1 and 2 threads with the reference. */
     enum { ROWS = 61, BPR = 90 };
     uint8_t *b = malloc(ROWS * BPR * 16), *s = malloc(ROWS * BPR);
-    gptoss_bf16 *out = malloc(sizeof(gptoss_bf16) * ROWS * BPR * 32), *ref = malloc(sizeof(gptoss_bf16) * ROWS * BPR * 32);
+    size_t out_bytes = sizeof(gptoss_bf16) * ROWS * BPR * 32;
+    gptoss_bf16 *out = malloc(out_bytes), *ref = malloc(out_bytes);
     for (size_t i = 0; i < (size_t)ROWS * BPR * 16; i++) b[i] = (uint8_t)next_random();
     for (size_t i = 0; i < (size_t)ROWS * BPR; i++) s[i] = (uint8_t)(100 + next_random() % 60);
     reference_rows(b, s, BPR, 1, ROWS, ref);
     for (int threads = 1; threads <= 2; threads++) {
         gptoss_set_num_threads(threads);
-        memset(out, 0, sizeof(gptoss_bf16) * ROWS * BPR * 32);
+        memset(out, 0, out_bytes);
         EXPECT_STATUS(gptoss_dequantize_mxfp4_rows(b, s, ROWS, BPR, 1, ROWS, out), GPTOSS_OK);
         CHECK(memcmp(out, ref, sizeof(gptoss_bf16) * (ROWS - 1) * BPR * 32) == 0, "%d threads differ", threads);
     }
@@ -276,11 +277,14 @@ static void test_matmul_mxfp4_bad_input(void) {
     for (int i = 0; i < M * N; i++) y[i] = 0x1234;
     EXPECT_STATUS(gptoss_matmul_mxfp4(NULL, M, K, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4),
                   GPTOSS_ERR_NULL_POINTER);
-    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, NULL, scales, N, NULL, y, N, scratch, 4 * K, 4), GPTOSS_ERR_NULL_POINTER);
-    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, NULL, N, NULL, y, N, scratch, 4 * K, 4), GPTOSS_ERR_NULL_POINTER);
+    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, NULL, scales, N, NULL, y, N, scratch, 4 * K, 4),
+                  GPTOSS_ERR_NULL_POINTER);
+    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, NULL, N, NULL, y, N, scratch, 4 * K, 4),
+                  GPTOSS_ERR_NULL_POINTER);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, N, NULL, NULL, N, scratch, 4 * K, 4),
                   GPTOSS_ERR_NULL_POINTER);
-    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, N, NULL, y, N, NULL, 4 * K, 4), GPTOSS_ERR_NULL_POINTER);
+    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, N, NULL, y, N, NULL, 4 * K, 4),
+                  GPTOSS_ERR_NULL_POINTER);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, 0, K, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4), GPTOSS_ERR_BAD_SIZE);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, 0, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4), GPTOSS_ERR_BAD_SIZE);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, 48, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4), GPTOSS_ERR_BAD_SIZE);
@@ -292,7 +296,8 @@ static void test_matmul_mxfp4_bad_input(void) {
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, N, NULL, y, N, scratch, K - 1, 0), GPTOSS_ERR_BAD_SIZE);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, SIZE_MAX / 64, K, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4),
                   GPTOSS_ERR_BAD_SIZE);
-    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, SIZE_MAX / 64, NULL, y, SIZE_MAX / 64, scratch, 4 * K, 4),
+    const size_t huge_n = SIZE_MAX / 64;
+    EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, K, blocks, scales, huge_n, NULL, y, huge_n, scratch, 4 * K, 4),
                   GPTOSS_ERR_BAD_SIZE);
     EXPECT_STATUS(gptoss_matmul_mxfp4(x, M, (SIZE_MAX / 64) * 32, blocks, scales, N, NULL, y, N, scratch, 4 * K, 4),
                   GPTOSS_ERR_BAD_SIZE);
