@@ -196,18 +196,26 @@ def attention(
 
 
 def route(
-    x_norm: np.ndarray, gate_weight: np.ndarray, gate_bias: np.ndarray, k: int
+    x_norm: np.ndarray, gate_weight: np.ndarray, gate_bias: np.ndarray, k: int, indices: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Router: logits = t W_gate^T + b (bf16), top-k sorted (ties: lower expert index first), softmax.
 
+    `indices` [T, k] forces the choice (to replay another implementation's routing: two correct bf16
+    implementations can pick different experts where the k-th and (k+1)-th logits nearly tie); the
+    weights are then the softmax of this router's logits at those experts.
     Returns (indices [T, k] int64, weights [T, k] bf16 values as float32, logits [T, E]).
     """
     logits = linear(x_norm, gate_weight, gate_bias)
-    # A stable sort of the negated logits puts the largest first and breaks ties by expert index.
-    # torch.topk has no defined tie order, so a tie at the k-th place can route differently there.
-    indices = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    if indices is None:
+        # A stable sort of the negated logits puts the largest first and breaks ties by expert index.
+        # torch.topk has no defined tie order, so a tie at the k-th place can route differently there.
+        indices = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    else:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.shape != (logits.shape[0], k) or indices.min() < 0 or indices.max() >= logits.shape[1]:
+            raise ValueError(f"forced routes must be [{logits.shape[0]}, {k}] expert ids, got {indices.shape}")
     top = np.take_along_axis(logits, indices, axis=-1)
-    e = np.exp(top - top[:, :1])
+    e = np.exp(top - top.max(axis=-1, keepdims=True))
     weights = round_bf16(e / e.sum(axis=-1, keepdims=True))
     return indices, weights, logits
 
@@ -272,15 +280,18 @@ def attention_block(ckpt: Any, layer: int, x: np.ndarray, positions: np.ndarray)
     return round_bf16(x + linear(a, w.out_weight, w.out_bias))
 
 
-def moe_block(ckpt: Any, layer: int, x: np.ndarray, routes: list | None = None) -> np.ndarray:
+def moe_block(
+    ckpt: Any, layer: int, x: np.ndarray, routes: list | None = None, forced: np.ndarray | None = None
+) -> np.ndarray:
     """x + sum_e w_e expert_e(norm(x)) over the top-k experts of each token.
 
-    If `routes` is a list, (indices, weights, logits) of the router is appended to it (for tests).
+    If `routes` is a list, (indices, weights, logits) of the router is appended to it (for tests);
+    `forced` [T, k] replays a given routing (see `route`).
     """
     cfg = _config(ckpt)
     w = ckpt.layer(layer)
     t = rmsnorm(x, w.mlp_norm, _eps(cfg))
-    indices, weights, logits = route(t, w.gate_weight, w.gate_bias, cfg.experts_per_token)
+    indices, weights, logits = route(t, w.gate_weight, w.gate_bias, cfg.experts_per_token, forced)
     if routes is not None:
         routes.append((indices, weights, logits))
     y = np.zeros(indices.shape + (x.shape[1],), dtype=np.float32)  # [T, k, H]
@@ -292,15 +303,23 @@ def moe_block(ckpt: Any, layer: int, x: np.ndarray, routes: list | None = None) 
 
 
 def layer_forward(
-    ckpt: Any, layer: int, x: np.ndarray, positions: Sequence[int] | np.ndarray, routes: list | None = None
+    ckpt: Any,
+    layer: int,
+    x: np.ndarray,
+    positions: Sequence[int] | np.ndarray,
+    routes: list | None = None,
+    forced: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One decoder layer: the residual stream x [T, H] (bf16 values in float32) -> the next one."""
+    """One decoder layer: the residual stream x [T, H] (bf16 values in float32) -> the next one.
+
+    The T tokens attend to each other only (no cache). `routes`/`forced`: see `moe_block`.
+    """
     x = np.asarray(x, dtype=np.float32)
     positions = np.asarray(positions, dtype=np.int64)
     if x.ndim != 2 or positions.shape != (x.shape[0],):
         raise ValueError(f"layer_forward: x must be [T, H] with T positions, got {x.shape} and {positions.shape}")
     x = attention_block(ckpt, layer, x, positions)
-    return moe_block(ckpt, layer, x, routes)
+    return moe_block(ckpt, layer, x, routes, forced)
 
 
 def embed(ckpt: Any, tokens: Sequence[int]) -> np.ndarray:
@@ -325,22 +344,24 @@ def unembed(ckpt: Any, x: np.ndarray, rows_per_chunk: int = 16384) -> np.ndarray
     return logits
 
 
-def forward_layers(ckpt: Any, tokens: Sequence[int], routes: list | None = None) -> list[np.ndarray]:
+def forward_layers(
+    ckpt: Any, tokens: Sequence[int], routes: list | None = None, forced: Sequence[np.ndarray] | None = None
+) -> list[np.ndarray]:
     """The residual stream entering each layer, then the one leaving the last layer (before the final
-    norm): num_hidden_layers + 1 arrays [T, H]."""
+    norm): num_hidden_layers + 1 arrays [T, H]. `forced[l]` replays layer l's routing."""
     cfg = _config(ckpt)
     x = embed(ckpt, tokens)
     positions = np.arange(x.shape[0])
     streams = [x]
     for layer in range(cfg.num_hidden_layers):
-        x = layer_forward(ckpt, layer, x, positions, routes)
+        x = layer_forward(ckpt, layer, x, positions, routes, None if forced is None else forced[layer])
         streams.append(x)
     return streams
 
 
-def forward(ckpt: Any, tokens: Sequence[int]) -> np.ndarray:
+def forward(ckpt: Any, tokens: Sequence[int], forced: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Logits [T, V] float32 for every position of `tokens` (a fresh sequence starting at position 0)."""
-    return unembed(ckpt, forward_layers(ckpt, tokens)[-1])
+    return unembed(ckpt, forward_layers(ckpt, tokens, forced=forced)[-1])
 
 
 def generate_greedy(ckpt: Any, tokens: Sequence[int], n: int) -> tuple[list[int], np.ndarray]:

@@ -314,3 +314,68 @@ def test_swiglu_interleaved_and_clamped():
     got = nr.swiglu(h)
     assert got.shape == (1, 4)
     assert np.array_equal(got, nr.round_bf16(np.array([want], np.float32)))
+
+
+# ------------------------------------------------------------------------------------------------ whole model (tiny)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_original):
+    from gptoss_stream.checkpoint import Checkpoint
+
+    return Checkpoint.open(tiny_original)
+
+
+def tokens(n: int, seed: int = 5) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 199_998, size=n).tolist()
+
+
+def test_moe_block_matches_a_per_token_loop(tiny):
+    """The vectorised expert grouping equals SPEC §4 written one token and one expert at a time."""
+    cfg = tiny.config
+    x = nr.round_bf16(np.random.default_rng(6).standard_normal((9, cfg.hidden_size)).astype(np.float32))
+    got = nr.moe_block(tiny, 1, x)
+    w = tiny.layer(1)
+    t = nr.rmsnorm(x, w.mlp_norm)
+    g = nr.bf16_to_f32(w.gate_weight)
+    want = np.empty_like(x)
+    for i in range(x.shape[0]):
+        logits = nr.round_bf16(t[i] @ g.T + nr.bf16_to_f32(w.gate_bias))
+        top = sorted(range(cfg.num_experts), key=lambda e: (-logits[e], e))[: cfg.experts_per_token]
+        p = np.exp(logits[top] - logits[top[0]])
+        weights = nr.round_bf16((p / p.sum()).astype(np.float32))
+        acc = np.zeros(cfg.hidden_size, np.float32)
+        for e, we in zip(top, weights):
+            ex = tiny.expert(1, e)
+            h = nr.linear(t[i : i + 1], nr.dequantize_mxfp4(ex.mlp1_blocks, ex.mlp1_scales), ex.mlp1_bias)
+            a = nr.swiglu(h, cfg.swiglu_limit)
+            acc += we * nr.linear(a, nr.dequantize_mxfp4(ex.mlp2_blocks, ex.mlp2_scales), ex.mlp2_bias)[0]
+        want[i] = nr.round_bf16(x[i] + nr.round_bf16(acc))
+    # Equal up to the order of fp32 sums (BLAS with 1 row vs 9): at most one bf16 ulp here and there.
+    assert np.max(np.abs(got - want) / (np.abs(want) + 1e-3)) <= 2**-7
+
+
+def test_forward_is_causal_and_streams_add_up(tiny):
+    full = nr.forward_layers(tiny, tokens(40))
+    prefix = nr.forward_layers(tiny, tokens(40)[:25])
+    assert len(full) == tiny.config.num_hidden_layers + 1
+    for a, b in zip(full, prefix):  # later tokens never change earlier positions
+        assert np.allclose(a[:25], b, rtol=2**-6, atol=2**-6)
+    logits = nr.forward(tiny, tokens(40))
+    assert logits.shape == (40, tiny.config.vocab_size) and logits.dtype == np.float32
+    assert np.array_equal(logits, nr.unembed(tiny, full[-1]))
+
+
+def test_generate_greedy_takes_the_argmax_of_each_step(tiny):
+    start = tokens(6)
+    new, steps = nr.generate_greedy(tiny, start, 3)
+    assert len(new) == 3 and steps.shape == (3, tiny.config.vocab_size)
+    assert new == [int(s.argmax()) for s in steps]
+    assert np.array_equal(steps[0], nr.forward(tiny, start)[-1])
+
+
+def test_forward_rejects_bad_tokens(tiny):
+    with pytest.raises(ValueError, match="token ids"):
+        nr.forward(tiny, [tiny.config.vocab_size])
+    with pytest.raises(ValueError, match="non-empty"):
+        nr.forward(tiny, [])
