@@ -61,7 +61,7 @@ SAMPLE_KEYS = (
     "cpu_user", "cpu_system",  # cumulative CPU seconds, all threads
     "read_bytes",        # cumulative bytes fetched from storage (/proc/self/io read_bytes)
     "read_chars",        # cumulative bytes returned by read()/pread() (page cache hits included)
-    "dense_resident", "expert_resident",  # slow: checkpoint bytes in the page cache
+    "dense_resident", "embedding_resident", "expert_resident",  # slow: checkpoint bytes in the page cache
     "experts_resident",  # slow: experts (layer, e) entirely in the page cache
     "cgroup_usage", "cgroup_cache", "cgroup_rss",  # --limit: memory.usage_in_bytes, memory.stat cache/rss
     "cgroup_max_usage",  # --limit: peak usage since the current phase began (the kernel's high-water mark)
@@ -72,8 +72,8 @@ SAMPLE_KEYS = (
 REPORT_KEYS = ("schema", "version", "created", "command", "host", "model", "settings", "phases", "samples",
                "tokens", "generated", "summary")
 PEAK_KEYS = ("rss", "rss_anon", "rss_file", "rss_peak", "swap", "uss", "pss", "dense_resident",
-             "expert_resident", "experts_resident", "cgroup_usage", "cgroup_max_usage", "kv_bytes",
-             "expert_cache_bytes")
+             "embedding_resident", "expert_resident", "experts_resident", "cgroup_usage", "cgroup_max_usage",
+             "kv_bytes", "expert_cache_bytes")
 COUNTER_KEYS = ("majflt", "minflt", "read_bytes", "read_chars", "cpu_user", "cpu_system")
 MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install 'gptoss-stream[plot]' (or pip install matplotlib)"
 
@@ -364,8 +364,8 @@ class Profiler:
                 s.update(self._reader.smaps_rollup())
                 if self.residency is not None:
                     r = self.residency.measure()
-                    s.update(dense_resident=r.dense_resident, expert_resident=r.expert_resident,
-                             experts_resident=r.experts_resident)
+                    s.update(dense_resident=r.dense_resident, embedding_resident=r.embedding_resident,
+                             expert_resident=r.expert_resident, experts_resident=r.experts_resident)
                 ended = time.perf_counter()
                 self._slow_cost = ended - slow_began
                 self._last_slow = began
@@ -473,7 +473,8 @@ def profile(args: argparse.Namespace, cgroup: MemoryCgroup | None = None) -> dic
         },
         "model": {
             "path": str(ckpt.path), "format": getattr(ckpt, "format", None), "file_bytes": ckpt.nbytes(),
-            "dense_bytes": residency.dense_total, "expert_bytes": residency.expert_total,
+            "dense_bytes": residency.dense_total, "embedding_bytes": residency.embedding_total,
+            "expert_bytes": residency.expert_total,
             "experts": residency.experts_total, "num_hidden_layers": cfg.num_hidden_layers,
             "num_experts": cfg.num_experts, "scratch_bytes": model.state.nbytes, "kv_reserved_bytes": cache.nbytes,
             "expert_store": type(model.experts).__name__,
@@ -553,7 +554,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         before = last
     model = report["model"]
     for p in phases.values():
-        for kind in ("dense", "expert"):
+        for kind in ("dense", "embedding", "expert"):
             resident, total = p["peak"][f"{kind}_resident"], model[f"{kind}_bytes"]
             p["peak"][f"{kind}_fraction"] = resident / total if resident is not None and total else None
     steps = [t for t in report["tokens"] if t["phase"] == "decode"]
@@ -623,6 +624,7 @@ PHASE_ROWS: list[tuple[str, Callable[[dict], Any], Callable[[Any], str]]] = [
     ("peak swap", lambda p: p["peak"]["swap"], format_bytes),
     ("peak cgroup usage", lambda p: p["peak"]["cgroup_max_usage"], format_bytes),
     ("ckpt cached: dense", lambda p: p["peak"]["dense_fraction"], _fmt_fraction),
+    ("ckpt cached: embedding", lambda p: p["peak"]["embedding_fraction"], _fmt_fraction),
     ("ckpt cached: experts", lambda p: p["peak"]["expert_fraction"], _fmt_fraction),
     ("experts fully cached", lambda p: p["peak"]["experts_resident"], _fmt_count),
     ("KV cache in use", lambda p: p["peak"]["kv_bytes"], format_bytes),
@@ -652,9 +654,10 @@ def _settings_line(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["model"]
     limit = format_bytes(s["limit"]) if s["limit"] else "none"
     budget = "mmap only" if s["mmap_only"] else format_bytes(s["ram_budget"]) if s["ram_budget"] else "auto"
-    return (f"{m['path']} ({format_bytes(m['file_bytes'])}: dense {format_bytes(m['dense_bytes'])}, experts "
-            f"{format_bytes(m['expert_bytes'])}); prompt {s['prompt_tokens']} tokens, {s['max_tokens']} generated; "
-            f"limit {limit}, ram budget {budget}, cold {'yes' if s['cold'] else 'no'}")
+    return (f"{m['path']} ({format_bytes(m['file_bytes'])}: dense {format_bytes(m['dense_bytes'])}, embedding "
+            f"{format_bytes(m['embedding_bytes'])}, experts {format_bytes(m['expert_bytes'])}); prompt "
+            f"{s['prompt_tokens']} tokens, {s['max_tokens']} generated; limit {limit}, ram budget {budget}, "
+            f"cold {'yes' if s['cold'] else 'no'}")
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -744,6 +747,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
                   colors=["#4c72b0", "#9ecae1"], alpha=0.9, step="post")
     for key, label, style in (("cgroup_usage", "cgroup usage (incl. page cache)", "-"),
                               ("dense_resident", "checkpoint dense weights in page cache", "--"),
+                              ("embedding_resident", "checkpoint embedding rows in page cache", "-."),
                               ("expert_resident", "checkpoint experts in page cache", ":")):
         x, y = series(key)
         if x:

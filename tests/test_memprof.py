@@ -96,17 +96,18 @@ def test_token_counts(profiled):
 def test_residency_and_engine_stats(profiled):
     report, _, _ = profiled
     model = report["model"]
-    assert model["expert_bytes"] > 0 and model["dense_bytes"] > 0
-    assert model["dense_bytes"] + model["expert_bytes"] >= model["file_bytes"]
+    assert model["expert_bytes"] > 0 and model["dense_bytes"] > 0 and model["embedding_bytes"] > 0
+    assert model["dense_bytes"] + model["embedding_bytes"] + model["expert_bytes"] >= model["file_bytes"]
     measured = [s for s in report["samples"] if s["dense_resident"] is not None]
     # Every boundary after the load takes the slow measures.
     assert {s["kind"] for s in measured} >= {"phase_end", "end"}
     for s in measured:
         assert 0 <= s["dense_resident"] <= model["dense_bytes"]
+        assert 0 <= s["embedding_resident"] <= model["embedding_bytes"]
         assert 0 <= s["expert_resident"] <= model["expert_bytes"]
         assert 0 <= s["experts_resident"] <= model["experts"]
     for phase in report["summary"]["phases"].values():
-        for key in ("dense_fraction", "expert_fraction"):
+        for key in ("dense_fraction", "embedding_fraction", "expert_fraction"):
             assert phase["peak"][key] is None or 0.0 <= phase["peak"][key] <= 1.0
     # The forward pass reads every dense weight it uses through the mapping: after a decode step, they are cached.
     assert report["summary"]["phases"]["decode"]["peak"]["dense_fraction"] > 0.5
@@ -135,7 +136,8 @@ def test_json_schema_is_stable(profiled):
     assert report["schema"] == "gptoss-memprof" and report["version"] == 1
     assert tuple(report) == memprof.REPORT_KEYS
     assert set(report["host"]) == {"hostname", "kernel", "cpus", "mem_total", "page_size"}
-    assert set(report["model"]) == {"path", "format", "file_bytes", "dense_bytes", "expert_bytes", "experts",
+    assert set(report["model"]) == {"path", "format", "file_bytes", "dense_bytes", "embedding_bytes",
+                                    "expert_bytes", "experts",
                                     "num_hidden_layers", "num_experts", "scratch_bytes", "kv_reserved_bytes",
                                     "expert_store"}
     assert set(report["settings"]) == {"prompt_tokens", "max_tokens", "interval", "ram_budget", "mmap_only",
@@ -147,7 +149,8 @@ def test_json_schema_is_stable(profiled):
     summary = report["summary"]
     assert set(summary["phases"]) == set(memprof.PHASES)
     assert set(summary["phases"]["decode"]) == {"seconds", "tokens", "tokens_per_second", "peak", "delta", "experts"}
-    assert set(summary["phases"]["decode"]["peak"]) == set(memprof.PEAK_KEYS) | {"dense_fraction", "expert_fraction"}
+    assert set(summary["phases"]["decode"]["peak"]) == set(memprof.PEAK_KEYS) | {
+        "dense_fraction", "embedding_fraction", "expert_fraction"}
     assert set(summary["phases"]["decode"]["delta"]) == set(memprof.COUNTER_KEYS)
     assert memprof.load_report(path) == report
 
@@ -280,7 +283,7 @@ class _SlowResidency:
         self.calls += 1
         time.sleep(self.cost)
         from gptoss_stream.residency import Residency
-        return Residency(0, 1, 0, 1, 0, 1)
+        return Residency(0, 1, 0, 1, 0, 1, 0, 1)
 
 
 def test_slow_measures_keep_to_their_share_of_time():
@@ -347,10 +350,12 @@ def test_residency_counts_the_pages_read(paged_checkpoint):
         for path in checkpoint.files():
             _evict(path)  # after open(), which read the header through the page cache
         file_pages = -(-checkpoint.nbytes() // PAGE_SIZE)
-        assert residency.dense_total + residency.expert_total == file_pages * PAGE_SIZE
+        assert residency.dense_total + residency.embedding_total + residency.expert_total == file_pages * PAGE_SIZE
+        embedding = checkpoint.tensor_range("embedding.weight")
+        assert embedding.nbytes <= residency.embedding_total <= embedding.nbytes + 2 * PAGE_SIZE
         assert residency.experts_total == 4
         before = residency.measure()
-        if before.dense_resident or before.expert_resident:
+        if before.dense_resident or before.embedding_resident or before.expert_resident:
             pytest.skip("this filesystem keeps evicted pages cached (tmpfs?): cannot test residency here")
 
         # Read exactly expert 1's pieces, with readahead off so no neighbouring page comes along.
@@ -368,7 +373,7 @@ def test_residency_counts_the_pages_read(paged_checkpoint):
 
         after = residency.measure()
         assert after.expert_resident == len(pages) * PAGE_SIZE
-        assert after.dense_resident == 0
+        assert after.dense_resident == 0 and after.embedding_resident == 0
         assert after.experts_resident == 1  # its neighbours share edge pages but not their whole data
         assert 0.0 < after.expert_fraction < 1.0 and after.dense_fraction == 0.0
 
@@ -377,4 +382,5 @@ def test_residency_counts_the_pages_read(paged_checkpoint):
             while f.read(1 << 20):
                 pass
         full = residency.measure()
-        assert full.dense_fraction == 1.0 and full.expert_fraction == 1.0 and full.experts_resident == 4
+        assert full.dense_fraction == full.embedding_fraction == full.expert_fraction == 1.0
+        assert full.experts_resident == 4
