@@ -7,7 +7,7 @@ Numerics follow the SPEC's rule "activations are bf16 between ops, math inside o
 activations are carried as float32 arrays whose values are exactly representable in bf16, every op
 computes in float32 and rounds its result to bf16 once (round-to-nearest-even). What counts as one op:
   - a linear layer `x W^T + b` (fp32 accumulation, bias added in fp32, one rounding);
-  - RMSNorm; RoPE (cos/sin kept in fp32); attention from q/k/v to the per-head outputs (scores,
+  - RMSNorm; RoPE (angles in float64, cos/sin kept in fp32); attention from q/k/v to the per-head outputs (scores,
     sink softmax and the weighted sum of v never leave fp32); SwiGLU;
   - the router: logits are a linear layer (rounded), the top-k softmax weights are rounded to bf16
     (the gpt-oss reference keeps them in bf16 too);
@@ -225,7 +225,8 @@ def swiglu(h: np.ndarray, limit: float = 7.0, alpha: float = 1.702) -> np.ndarra
     h = np.asarray(h, dtype=np.float32)
     glu = np.minimum(h[..., 0::2], np.float32(limit))
     lin = np.clip(h[..., 1::2], np.float32(-limit), np.float32(limit))
-    sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-np.float32(alpha) * glu))
+    with np.errstate(over="ignore"):  # exp overflows to inf for glu << 0: sigmoid -> 0, as it should
+        sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-np.float32(alpha) * glu))
     return round_bf16(glu * sig * (lin + np.float32(1.0)))
 
 
