@@ -159,7 +159,8 @@ int gptoss_rope_apply(gptoss_bf16 *x, size_t m, size_t n_heads, size_t head_dim,
  *   sinks:    [n_heads] bf16, one extra logit per head that takes part in the softmax and has no value
  *   out:      [m, n_heads * head_dim] bf16 (row stride n_heads * head_dim)
  * kv head h serves q heads h * (n_heads / n_kv_heads) ... The cache must hold every key a query needs:
- * capacity >= first_position + m when window == 0, capacity >= window + m - 1 otherwise.
+ * capacity >= first_position + m when window == 0, capacity >= min(first_position + m, window + m - 1)
+ * otherwise (a sliding layer's ring needs no more rows than positions exist).
  */
 int gptoss_attention(const gptoss_bf16 *q, size_t m, size_t ldq, size_t n_heads, size_t n_kv_heads,
                      size_t head_dim, const gptoss_bf16 *k_cache, const gptoss_bf16 *v_cache, size_t capacity,
