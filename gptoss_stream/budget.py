@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, original_tensors
+from gptoss_stream.checkpoint import EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -176,6 +176,26 @@ def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096) -> 
             nbytes = min(nbytes, rows * (-(-row // page) + 1) * page)  # a row can straddle one more page
         total += nbytes
     return total
+
+
+def dense_ranges(checkpoint) -> list[TensorRange]:
+    """Byte ranges of the dense weights every token reads (all but the experts and the embedding, of
+    which a token reads one row), merged where adjacent, in file order."""
+    ranges = []
+    for name in original_tensors(checkpoint.config):
+        if name == "embedding.weight" or name.split(".", 2)[-1] in EXPERT_PIECES:
+            continue
+        ranges.append(checkpoint.tensor_range(name))
+    ranges.sort(key=lambda r: (r.path, r.offset))
+    merged: list[TensorRange] = []
+    for r in ranges:
+        last = merged[-1] if merged else None
+        if last is not None and last.path == r.path and r.offset <= last.offset + last.nbytes + (1 << 20):
+            end = max(last.offset + last.nbytes, r.offset + r.nbytes)
+            merged[-1] = TensorRange(last.path, last.offset, end - last.offset)
+        else:
+            merged.append(r)
+    return merged
 
 
 def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) -> int:

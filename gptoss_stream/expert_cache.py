@@ -32,8 +32,8 @@ import numpy as np
 
 from gptoss_stream.checkpoint import ExpertWeights, TensorRange
 from gptoss_stream.experts import ExpertStats
-from gptoss_stream.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadError, ReadJob, RecordLayout, \
-    aligned_buffer, plan_record
+from gptoss_stream.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadJob, RecordLayout, aligned_buffer, \
+    plan_record, prefault_page_cache
 
 LFU, LRU = "lfu", "lru"
 POLICIES = (LFU, LRU)
@@ -46,10 +46,10 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 class StreamStats(ExpertStats):
     """What the streaming store did; `since()` gives one phase's share (see ExpertStats)."""
 
-    hits: int = 0              # requested experts found in the cache (or already being read by a prefetch)
+    hits: int = 0              # requested experts found in the cache or already read(ing) by a prefetch
     misses: int = 0            # requested experts read on demand
     prefetch_issued: int = 0   # reads started on a guess
-    prefetch_used: int = 0     # ... that the router then asked for
+    prefetch_used: int = 0     # ... that the router then asked for (counted in hits too)
     predicted: int = 0         # routed experts in layers that had a guess
     predicted_right: int = 0   # ... that were in the guess
     reads: int = 0             # records read (demand + prefetch)
@@ -60,7 +60,13 @@ class StreamStats(ExpertStats):
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
+        """Requested experts the cache already held from earlier use: no read at all."""
+        return (self.hits - self.prefetch_used) / self.requests if self.requests else 0.0
+
+    @property
+    def prefetch_rate(self) -> float:
+        """Requested experts read ahead on a guess (a read, but off the critical path)."""
+        return self.prefetch_used / self.requests if self.requests else 0.0
 
     @property
     def prediction_accuracy(self) -> float:
@@ -107,7 +113,7 @@ class StreamingExpertStore:
     prefetches = True
 
     def __init__(self, checkpoint, slots: int, policy: str = LFU, direct: bool | None = None,
-                 half_life_tokens: float = DEFAULT_HALF_LIFE_TOKENS):
+                 half_life_tokens: float = DEFAULT_HALF_LIFE_TOKENS, prefetch: bool = True, io_threads: int = 1):
         cfg = checkpoint.config
         if policy not in POLICIES:
             raise ValueError(f"unknown expert cache policy {policy!r}; choose one of {POLICIES}")
@@ -136,7 +142,8 @@ class StreamingExpertStore:
         self._half_life = max(half_life_tokens, 1e-9) * self.num_layers  # in requests (one per layer visit)
         self._last_use = [[-1] * self.num_experts for _ in range(self.num_layers)]
         self._count = [[0.0] * self.num_experts for _ in range(self.num_layers)]
-        self.io = IOThread(self.reader)
+        self.prefetches = prefetch  # False: the model makes no guesses (for measuring what they bring)
+        self.io = IOThread(self.reader, workers=io_threads)
 
     @property
     def nbytes(self) -> int:
@@ -186,12 +193,22 @@ class StreamingExpertStore:
         return self._consume(layer, experts)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
-        """Guess: `layer` will want `experts` (most likely first). Read those not cached while slots allow."""
+        """Guess: `layer` will want `experts` (most likely first). Read those not cached while slots allow.
+
+        A later guess for the same layer replaces the earlier one: reads of dropped guesses that have not
+        started are cancelled (their slots come back), those already read stay until the router decides.
+        """
         experts = [int(e) for e in experts]
         with self._cv:
             if self._closed or not 0 <= layer < self.num_layers:
                 return
             self._guess[layer] = set(experts)
+            for entry in list(self._layers[layer].values()):
+                if (entry.speculative and entry.expert not in self._guess[layer] and entry.state == LOADING
+                        and self.io.cancel(entry.job)):
+                    self._remove(entry)
+                    self._free.append(entry.slot)
+                    self.stats.prefetch_issued -= 1  # never read: not a prefetch after all
             if self._pending:
                 return  # the current layer still waits for slots: guesses must not take them
             for e in experts:
@@ -445,13 +462,16 @@ class StreamingExpertStore:
         self.close()
 
 
-def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max_chunk: int,
-                        policy: str = LFU, direct: bool | None = None):
+def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max_chunk: int, **options):
     """Plan `budget` bytes (None: what this machine or cgroup has available) and open a store with the
-    expert cache the plan leaves; BudgetError naming the minimum before anything is read."""
-    from gptoss_stream.budget import available_memory, plan_memory
+    expert cache the plan leaves (options go to StreamingExpertStore); BudgetError naming the minimum
+    before anything is read."""
+    from gptoss_stream.budget import available_memory, dense_ranges, plan_memory
 
     slot_bytes = record_bound(checkpoint.expert_ranges(0, 0))
     plan = plan_memory(checkpoint.config, slot_bytes, budget if budget is not None else available_memory(),
                        context_length, max_chunk)
-    return StreamingExpertStore(checkpoint, plan.expert_slots, policy=policy, direct=direct), plan
+    store = StreamingExpertStore(checkpoint, plan.expert_slots, **options)
+    # The plan keeps the dense weights in the page cache: fill it with large reads now instead of page faults.
+    prefault_page_cache(dense_ranges(checkpoint))
+    return store, plan

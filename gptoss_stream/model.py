@@ -198,6 +198,10 @@ class Model:
             kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
         # x = x + bf16(sum_e weight_e y_e)
         kernels.add_f32_(x, acc)
+        if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
+            # A sharper guess now that this layer's MoE is in the residual (91% vs 76% right on the synthetic
+            # 20b, docs/streaming.md): it replaces the early one where those reads have not started.
+            self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
 
     def guess_experts(self, layer: int, x: np.ndarray) -> np.ndarray:
         """The experts `layer` would pick if its MoE ran on the residual x as it is now, most picked first.

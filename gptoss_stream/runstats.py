@@ -50,7 +50,7 @@ class Probe:
         if stats is not None:
             delta = stats.since(before_stats)
             out.update(delta.as_dict())
-            for name in ("hit_rate", "prediction_accuracy", "prefetch_precision"):
+            for name in ("hit_rate", "prefetch_rate", "prediction_accuracy", "prefetch_precision"):
                 if hasattr(delta, name):
                     out[name] = getattr(delta, name)
         return out
@@ -65,8 +65,9 @@ def format_phase(name: str, tokens: int, seconds: float, s: dict) -> str:
     line = (f"[stats] {name}: {tokens} tokens in {seconds:.2f} s, disk read {_gb(s['disk_read_bytes'])} "
             f"({s['disk_read_bytes'] / per / 1e6:.1f} MB/token)")
     if "hits" in s:
-        line += (f", expert reads {s['bytes_read'] / per / 1e6:.1f} MB/token, hit rate {s['hit_rate']:.1%}, "
-                 f"prediction accuracy {s['prediction_accuracy']:.1%} (prefetch precision "
+        line += (f", expert reads {s['bytes_read'] / per / 1e6:.1f} MB/token, cache hit rate {s['hit_rate']:.1%} "
+                 f"(+{s['prefetch_rate']:.1%} read ahead), prediction accuracy {s['prediction_accuracy']:.1%} "
+                 f"(prefetch precision "
                  f"{s['prefetch_precision']:.1%}), I/O stall {s['stall_seconds']:.2f} s "
                  f"({s['stall_seconds'] / per * 1e3:.1f} ms/token)")
     elif "requests" in s:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gptoss_stream import cli
-from gptoss_stream.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, format_size,
-                                  kv_cache_nbytes, parse_size, plan_memory)
+from gptoss_stream.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, dense_ranges,
+                                  format_size, kv_cache_nbytes, parse_size, plan_memory)
 from gptoss_stream.checkpoint import Checkpoint, TensorRange
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.expert_cache import record_bound
@@ -71,6 +71,21 @@ def test_budget_below_minimum_names_the_minimum():
         plan_memory(cfg, SLOT_20B, 1 * GIB, 4096, 64)
     # a shorter context needs less (KV cache)
     assert plan_memory(cfg, SLOT_20B, 4 * GIB, 1024, 64).minimum < minimum
+
+
+def test_dense_ranges_cover_the_dense_weights_once(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    ranges = dense_ranges(ck)
+    covered = sum(r.nbytes for r in ranges)
+    embedding = ck.tensor_range("embedding.weight")
+    # everything dense_nbytes counts except the embedding rows, plus at most the small gaps merged over
+    assert covered >= dense_nbytes(ck.config, 0) - 4096
+    for r in ranges:
+        assert r.offset + r.nbytes <= embedding.offset or r.offset >= embedding.offset + embedding.nbytes
+    for layer in range(ck.config.num_hidden_layers):
+        for expert_range in ck.expert_ranges(layer, 0)[:2]:  # the MXFP4 blocks and scales are not dense
+            assert not any(r.offset <= expert_range.offset < r.offset + r.nbytes for r in ranges)
+    assert all(a.offset + a.nbytes < b.offset for a, b in zip(ranges, ranges[1:]))
 
 
 def test_kv_plan_matches_the_cache(tiny_original):

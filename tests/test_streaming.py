@@ -256,6 +256,30 @@ def test_wrong_guesses_are_evicted_first_and_counted(tiny_original):
         assert set(store.cached()) == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 4), (1, 5)}
 
 
+def test_a_new_guess_cancels_reads_not_started(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        gate, started = threading.Event(), threading.Event()
+        read = store.io.reader.read_record
+
+        def slow_read(layout, buffer):  # hold the I/O thread inside the first read
+            started.set()
+            gate.wait(30)
+            return read(layout, buffer)
+
+        store.io.reader.read_record = slow_read
+        store.prefetch(1, [4, 5])
+        assert started.wait(30)         # 4 is being read, 5 waits in the queue
+        store.prefetch(1, [6])          # the sharper guess: 5 is dropped, 4 cannot be
+        store.io.reader.read_record = read
+        gate.set()
+        assert store.wait_idle(30)
+        assert store.cached() == [(1, 4), (1, 6)]
+        assert store.stats.prefetch_issued == 2
+        request_all(store, 1, [6, 7])
+        assert (store.stats.predicted, store.stats.predicted_right, store.stats.prefetch_used) == (2, 1, 1)
+
+
 def test_failed_read_is_raised_to_the_model_without_hanging(micro_checkpoint, tmp_path):
     d = copy_checkpoint(micro_checkpoint / "original", tmp_path / "ck")
     ck = Checkpoint.open(d)

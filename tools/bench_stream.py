@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""Benchmarks of expert streaming (docs/streaming.md has the numbers and how they were taken).
+
+Modes:
+  read    cold-cache reads of a set of experts by each method: page faults on the mapping, madvise(WILLNEED),
+          MADV_POPULATE_READ, buffered pread, O_DIRECT pread (1 and 2 threads). Evicts the file from the page
+          cache (posix_fadvise DONTNEED) before each method; reports payload GB/s and bytes fetched from disk.
+  policy  replays router traces (recorded from a checkpoint, or modelled) through cache policies at several
+          cache sizes: hit rates of global LRU, per-layer LRU, per-layer LFU, and Belady's optimum.
+  run     `gptoss generate` on a checkpoint inside cgroup v1 memory limits after dropping the page cache, plus
+          an --mmap-only baseline: decode/prefill tok/s, peak cgroup memory, RssAnon, bytes read per token,
+          hit rate. Needs root and cgroup v1 (/sys/fs/cgroup/memory). Valid numbers need a quiet machine.
+
+Examples:
+  python3 tools/bench_stream.py read -m /work/ckpt/20b --experts 32
+  python3 tools/bench_stream.py policy -m /work/ckpt/20b --tokens 64
+  python3 tools/bench_stream.py run -m /work/ckpt/20b --limits 16G,8G,4G,3G --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gptoss_stream.checkpoint import Checkpoint, TensorRange  # noqa: E402
+from gptoss_stream.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
+
+MADV_POPULATE_READ = 22  # linux/mman.h (5.14+); Python 3.11's mmap module does not name it
+GB = 1e9
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (includes readahead)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def evict(paths: list[str]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def pick_experts(ck: Checkpoint, count: int, seed: int) -> list[tuple[int, int]]:
+    """`count` experts in groups of experts_per_token per layer, as decode would ask for them."""
+    cfg = ck.config
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, int]] = []
+    while len(out) < count:
+        layer = int(rng.integers(cfg.num_hidden_layers))
+        for e in sorted(rng.choice(cfg.num_experts, cfg.experts_per_token, replace=False).tolist()):
+            if (layer, e) not in out and len(out) < count:
+                out.append((layer, e))
+    return out
+
+
+def read_by_faults(ck: Checkpoint, groups: list[list[list[TensorRange]]], advice: int | None) -> None:
+    maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
+    for path in ck.files():
+        f = open(path, "rb")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        f.close()
+        maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
+    sink = 0
+    for group in groups:  # one layer's experts
+        if advice is not None:
+            for ranges in group:
+                for r in ranges:
+                    m, _ = maps[r.path]
+                    start = r.offset - r.offset % mmap.PAGESIZE
+                    m.madvise(advice, start, r.offset + r.nbytes - start)
+        for ranges in group:
+            for r in ranges:
+                sink += int(maps[r.path][1][r.offset:r.offset + r.nbytes:mmap.PAGESIZE].sum())
+    for m, arr in maps.values():
+        del arr
+    del maps
+
+
+def read_by_pread(groups: list[list[list[TensorRange]]], direct: bool, threads: int) -> None:
+    reader = FileReader(direct=direct)
+    records = [ranges for group in groups for ranges in group]
+    layouts = [plan_record(r) for r in records]
+    buffers = [aligned_buffer(max(l.nbytes for l in layouts)) for _ in range(threads)]
+
+    def work(i: int) -> None:
+        for j in range(i, len(layouts), threads):
+            reader.read_record(layouts[j], buffers[i])
+
+    if threads == 1:
+        work(0)
+    else:
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    reader.close()
+
+
+def run_read(args: argparse.Namespace) -> None:
+    ck = Checkpoint.open(args.model)
+    cfg = ck.config
+    chosen = pick_experts(ck, args.experts, args.seed)
+    k = cfg.experts_per_token
+    groups = [[ck.expert_ranges(l, e) for l, e in chosen[i:i + k]] for i in range(0, len(chosen), k)]
+    payload = sum(r.nbytes for g in groups for rs in g for r in rs)
+    methods = {
+        "page faults": lambda: read_by_faults(ck, groups, None),
+        "madvise WILLNEED + faults": lambda: read_by_faults(ck, groups, mmap.MADV_WILLNEED),
+        "MADV_POPULATE_READ": lambda: read_by_faults(ck, groups, MADV_POPULATE_READ),
+        "pread buffered": lambda: read_by_pread(groups, direct=False, threads=1),
+        "pread O_DIRECT": lambda: read_by_pread(groups, direct=True, threads=1),
+        "pread O_DIRECT x2 threads": lambda: read_by_pread(groups, direct=True, threads=2),
+    }
+    only = set(args.methods.split(",")) if args.methods else None
+    print(f"# read: {len(chosen)} experts ({payload / GB:.3f} GB payload, {payload / len(chosen) / 1e6:.2f} MB each) "
+          f"of {args.model}, cold (posix_fadvise DONTNEED before each method); load {load_average():.2f}")
+    print(f"{'method':28s} {'seconds':>8s} {'payload GB/s':>13s} {'disk GB':>8s} {'disk/payload':>12s}")
+    results = {}
+    for name, fn in methods.items():
+        if only and not any(o in name for o in only):
+            continue
+        best = None
+        for _ in range(args.repeats):
+            evict(ck.files())
+            before = disk_read_bytes()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            disk = disk_read_bytes() - before
+            if best is None or dt < best[0]:
+                best = (dt, disk)
+        dt, disk = best
+        results[name] = {"seconds": dt, "payload_gbps": payload / dt / GB, "disk_bytes": disk}
+        print(f"{name:28s} {dt:8.3f} {payload / dt / GB:13.2f} {disk / GB:8.3f} {disk / payload:12.2f}", flush=True)
+    evict(ck.files())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"payload": payload, "load": load_average(), "results": results}, indent=1))
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+def record_trace(model_dir: str, prompt_tokens: int, decode_tokens: int, seed: int, threads: int) -> list[dict]:
+    """Route a prompt and a sampled continuation through the model; per (phase, layer): the routed experts,
+    the guess from the residual after the previous layer's attention (what the engine uses) and the guess
+    from the residual after the previous layer's MoE."""
+    from gptoss_stream.experts import MappedExpertStore
+    from gptoss_stream.model import Model
+    from gptoss_stream.sampling import Sampler, SamplingParams
+
+    ck = Checkpoint.open(model_dir)
+    trace: list[dict] = []
+
+    class TraceStore(MappedExpertStore):
+        prefetches = True
+        phase = "prefill"
+
+        def __init__(self, checkpoint):
+            super().__init__(checkpoint)
+            self.guess_attn: dict[int, list[int]] = {}
+            self.guess_moe: dict[int, list[int]] = {}
+
+        def request(self, layer, experts):
+            experts = [int(e) for e in experts]
+            trace.append({"phase": self.phase, "layer": layer, "experts": experts,
+                          "guess_attn": self.guess_attn.pop(layer, None), "guess_moe": self.guess_moe.pop(layer, None)})
+            return super().request(layer, experts)
+
+        def prefetch(self, layer, experts):
+            self.guess_attn[layer] = [int(e) for e in experts]
+
+    store = TraceStore(ck)
+    model = Model(ck, max_chunk=64, expert_store=store, num_threads=threads)
+    inner = model.layer_forward
+
+    def layer_forward(layer, x, cache, first_position):
+        out = inner(layer, x, cache, first_position)
+        if layer + 1 < ck.config.num_hidden_layers:
+            store.guess_moe[layer + 1] = [int(e) for e in model.guess_experts(layer + 1, x)]
+        return out
+
+    model.layer_forward = layer_forward
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 199_998, size=prompt_tokens).tolist()
+    cache = model.new_cache(prompt_tokens + decode_tokens + 1)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+    logits = model.forward(tokens, cache)
+    store.phase = "decode"
+    for step in range(decode_tokens):
+        t0 = time.perf_counter()
+        logits = model.forward([sampler.sample(logits)], cache)
+        print(f"  decode token {step + 1}/{decode_tokens}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+    return trace
+
+
+def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, reuse: float, seed: int) -> list[dict]:
+    """A router with per-layer popularity ~ rank^-zipf (random rank order per layer) and temporal locality:
+    each of the previous token's experts is picked again with probability `reuse`."""
+    rng = np.random.default_rng(seed)
+    popularity = []
+    for _ in range(layers):
+        p = np.arange(1, experts + 1, dtype=np.float64) ** -zipf
+        popularity.append(rng.permutation(p / p.sum()))
+    previous: list[list[int]] = [[] for _ in range(layers)]
+    out = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            chosen = [e for e in previous[layer] if rng.random() < reuse][:k]
+            while len(chosen) < k:
+                p = popularity[layer].copy()
+                p[chosen] = 0
+                chosen.append(int(rng.choice(experts, p=p / p.sum())))
+            previous[layer] = chosen
+            out.append({"phase": "decode", "layer": layer, "experts": sorted(chosen)})
+    return out
+
+
+def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_tokens: float = 64.0) -> float:
+    """Hit rate of a replacement policy on the decode requests of a trace (demand reads only).
+
+    global-lru: one LRU list over all layers. layer-lru / layer-lfu: the engine's per-layer shares (a layer
+    under its share takes from the layer furthest over it) with LRU or decayed-frequency order inside.
+    belady: evict the entry whose next use is farthest (the offline optimum, global).
+    """
+    reqs = [(r["layer"], r["experts"]) for r in trace if r["phase"] == "decode"]
+    cache: dict[tuple[int, int], None] = {}
+    last: dict[tuple[int, int], int] = {}
+    count: dict[tuple[int, int], float] = {}
+    hits = total = 0
+    quota = slots / layers
+    half = half_life_tokens * layers
+    future: dict[tuple[int, int], list[int]] = {}
+    if policy == "belady":
+        for t, (layer, experts) in enumerate(reqs):
+            for e in experts:
+                future.setdefault((layer, e), []).append(t)
+        for v in future.values():
+            v.reverse()
+
+    def score(key):
+        if policy in ("layer-lru", "global-lru"):
+            return last[key]
+        return math.log2(count[key]) + last[key] / half
+
+    for t, (layer, experts) in enumerate(reqs):
+        want = {(layer, e) for e in experts}
+        for key in want:
+            if policy == "belady":
+                future[key].pop()
+            if key in last:
+                count[key] = count[key] * 2.0 ** (-(t - last[key]) / half) + 1.0
+            else:
+                count[key] = 1.0
+            last[key] = t
+        for key in sorted(want):
+            total += 1
+            if key in cache:
+                hits += 1
+                continue
+            if len(cache) >= slots:
+                candidates = [c for c in cache if c not in want]
+                if policy == "belady":
+                    victim = max(candidates, key=lambda c: future[c][-1] if future[c] else 1 << 60)
+                elif policy == "global-lru":
+                    victim = min(candidates, key=score)
+                else:
+                    counts = [0] * layers
+                    for c in cache:
+                        counts[c[0]] += 1
+                    pool = [c for c in candidates if c[0] == layer]
+                    if counts[layer] < quota or not pool:
+                        over = sorted((n for n in range(layers) if counts[n] > quota), key=lambda n: -counts[n])
+                        for n in over:
+                            pool = [c for c in candidates if c[0] == n]
+                            if pool:
+                                break
+                    pool = pool or candidates
+                    victim = min(pool, key=score)
+                del cache[victim]
+            cache[key] = None
+    return hits / total if total else 0.0
+
+
+def guess_accuracy(trace: list[dict], key: str) -> float:
+    right = total = 0
+    for r in trace:
+        if r["phase"] == "decode" and r.get(key) is not None:
+            right += len(set(r["experts"]) & set(r[key]))
+            total += len(r["experts"])
+    return right / total if total else 0.0
+
+
+def run_policy(args: argparse.Namespace) -> None:
+    traces: dict[str, tuple[list[dict], int, int]] = {}
+    if args.model:
+        path = Path(args.trace) if args.trace else None
+        if path and path.exists():
+            recorded = json.loads(path.read_text())
+        else:
+            print(f"# recording a router trace on {args.model}: {args.prompt} prompt + {args.tokens} sampled tokens "
+                  f"(load {load_average():.2f})", file=sys.stderr)
+            recorded = record_trace(args.model, args.prompt, args.tokens, args.seed, args.threads)
+            if path:
+                path.write_text(json.dumps(recorded))
+        cfg = Checkpoint.open(args.model).config
+        traces["recorded (synthetic weights)"] = (recorded, cfg.num_hidden_layers, cfg.num_experts)
+        print(f"next-layer guess accuracy on the recorded decode: from the residual after the previous layer's "
+              f"attention {guess_accuracy(recorded, 'guess_attn'):.1%}, after its MoE "
+              f"{guess_accuracy(recorded, 'guess_moe'):.1%}")
+    layers, experts = args.layers, args.experts
+    for zipf, reuse in ((0.0, 0.0), (0.8, 0.0), (0.0, 0.3), (0.8, 0.3), (1.2, 0.5)):
+        name = f"modelled zipf={zipf} reuse={reuse}"
+        traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed), layers, experts)
+    policies = ("global-lru", "layer-lru", "layer-lfu", "belady")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    print(f"decode hit rate by policy; cache = fraction of all experts (per-layer LFU half-life "
+          f"{args.half_life:g} tokens)")
+    print(f"{'trace':36s} {'cache':>6s} " + " ".join(f"{p:>11s}" for p in policies))
+    for name, (trace, n_layers, n_experts) in traces.items():
+        for fraction in fractions:
+            slots = max(1, int(round(fraction * n_layers * n_experts)))
+            rates = [simulate(trace, slots, n_layers, p, args.half_life) for p in policies]
+            print(f"{name:36s} {fraction:6.0%} " + " ".join(f"{r:11.1%}" for r in rates), flush=True)
+
+
+# ---------------------------------------------------------------------------- run
+
+PROMPT = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home at night. "
+          "Later, towers of stone carried lamps fed with oil, and mirrors gathered their light into a beam "
+          "that sailors could see from far out at sea. Today most of them run on their own, watched from a "
+          "distance, but keepers still")
+
+
+def kv_in_use(cfg, tokens: int, chunk: int) -> int:
+    row = 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    total = 0
+    for layer in range(cfg.num_hidden_layers):
+        cap = tokens if not cfg.is_sliding(layer) else min(tokens, cfg.sliding_window + chunk - 1)
+        total += min(tokens, cap) * row
+    return total
+
+
+def parse_stats(stderr: str) -> dict | None:
+    for line in stderr.splitlines():
+        if line.startswith("[stats-json] "):
+            return json.loads(line[len("[stats-json] "):])
+    return None
+
+
+# Store options compared by `run --modes` (besides the CLI's own "budget" and "mmap-only").
+VARIANTS: dict[str, dict] = {
+    "default": {},                       # what --ram-budget does
+    "no-prefetch": {"prefetch": False},  # demand reads only
+    "lru": {"policy": "lru"},
+    "io2": {"io_threads": 2},
+    "buffered": {"direct": False},       # buffered preads + FADV_DONTNEED instead of O_DIRECT
+}
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """`gptoss generate --raw --stats` with a store variant (runs inside the cgroup)."""
+    from gptoss_stream.expert_cache import open_budgeted_store
+    from gptoss_stream.generate import generate
+    from gptoss_stream.model import Model
+    from gptoss_stream.runstats import report
+    from gptoss_stream.sampling import Sampler, SamplingParams
+    from gptoss_stream.tokenizer import get_tokenizer
+
+    ck = Checkpoint.open(args.model)
+    store, plan = open_budgeted_store(ck, args.budget, args.context, args.chunk, **VARIANTS[args.variant])
+    print(f"[stats] plan: {plan.describe()}", file=sys.stderr)
+    model = Model(ck, max_chunk=args.chunk, expert_store=store, num_threads=args.threads)
+    prompt = get_tokenizer().encode(PROMPT, allow_special=True)
+    result = generate(model, prompt, args.tokens, Sampler(SamplingParams(temperature=1.0, seed=0)),
+                      context_length=args.context)
+    print(report(result, plan), file=sys.stderr)
+    store.close()
+
+
+def run_runs(args: argparse.Namespace) -> None:
+    from cgroup_run import run_in_memory_cgroup
+
+    from gptoss_stream.budget import format_size, kv_cache_nbytes, parse_size
+
+    ck = Checkpoint.open(args.model)
+    cfg, files = ck.config, ck.files()
+    ck.close()
+    env = dict(os.environ)
+    env.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    base = [sys.executable, "-m", "gptoss_stream.cli", "generate", "-m", args.model, "-p", PROMPT, "--raw",
+            "-t", "1.0", "--seed", "0", "--stats", "--context", str(args.context), "--chunk", str(args.chunk)]
+    if args.threads:
+        base += ["--threads", str(args.threads)]
+    modes = [m for m in args.modes.split(",") if m]
+    rows = []
+    print(f"# run: {args.model}, prompt {len(PROMPT)} chars (raw), context {args.context}, chunk {args.chunk}, "
+          f"cold cache ({'drop_caches' if args.cold == 'drop' else 'checkpoint evicted'}) before each run; "
+          f"load {load_average():.2f} at start" + ("  ** load >= 1: numbers not valid **" if load_average() >= 1 else ""),
+          flush=True)
+    for limit_text in args.limits.split(","):
+        limit = parse_size(limit_text)
+        for mode in modes:
+            tokens = args.baseline_tokens if mode == "mmap-only" else args.tokens
+            if mode in ("budget", "mmap-only"):
+                cmd = base + ["-n", str(tokens)] + (["--ram-budget", limit_text] if mode == "budget" else ["--mmap-only"])
+            elif mode in VARIANTS:
+                cmd = [sys.executable, __file__, "child", "-m", args.model, "--budget", limit_text, "--tokens",
+                       str(tokens), "--context", str(args.context), "--chunk", str(args.chunk), "--variant", mode,
+                       "--threads", str(args.threads)]
+            else:
+                raise SystemExit(f"unknown mode {mode!r}: budget, mmap-only or one of {', '.join(VARIANTS)}")
+            load = load_average()
+            r = run_in_memory_cgroup(cmd, limit, cold=True, env=env, timeout=args.timeout,
+                                     evict=files if args.cold == "file" else None)
+            st = parse_stats(r.stderr)
+            row = {"limit": limit_text, "mode": mode, "returncode": r.returncode, "oom": r.oom_killed,
+                   "load_before": load, "seconds": r.seconds, "max_usage": r.max_usage,
+                   "peak_rss_anon": r.peak_rss_anon, "failcnt": r.failcnt, "stats": st}
+            if st is None:
+                tail = "\n".join(r.stderr.strip().splitlines()[-5:])
+                print(f"{limit_text:>5s} {mode:9s} FAILED (exit {r.returncode}{', OOM-killed' if r.oom_killed else ''}):"
+                      f"\n{tail}", flush=True)
+                rows.append(row)
+                continue
+            dec, pre, plan = st["decode"], st["prefill"], st["plan"]
+            steps = max(st["decode_steps"], 1)
+            cache_rss = 0
+            if plan:
+                cache_rss = min(plan["expert_slots"], dec.get("reads", 0) + pre.get("reads", 0)) * plan["slot_bytes"]
+            outside = r.peak_rss_anon - cache_rss
+            kv_full = kv_cache_nbytes(cfg, args.context, args.chunk)
+            projected = outside - kv_in_use(cfg, st["prompt_tokens"] + steps, args.chunk) + kv_full
+            row.update({
+                "decode_tok_s": st["decode_tokens_per_second"], "prefill_tok_s": st["prefill_tokens_per_second"],
+                "disk_mb_per_token": dec["disk_read_bytes"] / steps / 1e6,
+                "expert_mb_per_token": dec.get("bytes_read", 0) / steps / 1e6,
+                "read_busy": dec.get("read_seconds", 0.0) / max(st["decode_seconds"], 1e-9),
+                "hit_rate": dec.get("hit_rate"), "prefetch_rate": dec.get("prefetch_rate"),
+                "prediction_accuracy": dec.get("prediction_accuracy"),
+                "stall_ms_per_token": dec.get("stall_seconds", 0.0) / steps * 1e3,
+                "rss_anon_outside_cache": outside, "rss_anon_outside_cache_at_full_context": projected,
+            })
+            rows.append(row)
+            hit = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.0%}+{row['prefetch_rate']:.0%}"
+            acc = "-" if row["prediction_accuracy"] is None else f"{row['prediction_accuracy']:.0%}"
+            print(f"{limit_text:>5s} {mode:9s} decode {row['decode_tok_s']:6.2f} tok/s  prefill {row['prefill_tok_s']:6.2f} "
+                  f"tok/s  peak group {format_size(r.max_usage):>11s}  peak RssAnon {format_size(r.peak_rss_anon):>11s} "
+                  f"(outside cache {format_size(outside)}, at {args.context} ctx {format_size(projected)})  "
+                  f"disk {row['disk_mb_per_token']:7.1f} MB/token (experts {row['expert_mb_per_token']:6.1f}, "
+                  f"I/O busy {row['read_busy']:4.0%})  hit {hit:>7s}  guess {acc:>4s}  "
+                  f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}",
+                  flush=True)
+    print(f"# load at end {load_average():.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_size_arg(text: str) -> int:
+    from gptoss_stream.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("read", help="compare read methods on a cold cache")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--experts", type=int, default=32, help="experts to read per method (default 32)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest counts")
+    p.add_argument("--methods", default="", help="comma-separated substrings of method names to run (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also write the results to this file")
+    p.set_defaults(func=run_read)
+
+    p = sub.add_parser("policy", help="cache replacement policies on recorded and modelled router traces")
+    p.add_argument("-m", "--model", default="", help="record a trace on this checkpoint (else modelled traces only)")
+    p.add_argument("--trace", default="", help="JSON file: reuse the trace recorded there, or save it there")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens of the recorded trace")
+    p.add_argument("--tokens", type=int, default=32, help="sampled tokens of the recorded trace")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--layers", type=int, default=24, help="layers of the modelled traces (default: 20b)")
+    p.add_argument("--experts", type=int, default=32, help="experts per layer of the modelled traces")
+    p.add_argument("--model-tokens", type=int, default=400, help="tokens of each modelled trace")
+    p.add_argument("--fractions", default="0.05,0.14,0.3,0.56", help="cache sizes as fractions of all experts")
+    p.add_argument("--half-life", type=float, default=64.0, help="LFU decay half-life in tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_policy)
+
+    p = sub.add_parser("run", help="gptoss generate in cgroup memory limits, budgeted vs --mmap-only (root)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--limits", default="16G,8G,4G,3G", help="cgroup memory limits (default 16G,8G,4G,3G)")
+    p.add_argument("--modes", default="budget,mmap-only",
+                   help="budget (gptoss generate --ram-budget LIMIT), mmap-only (gptoss generate --mmap-only), or a "
+                        "store variant run by this tool: " + ", ".join(VARIANTS))
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate with --ram-budget (default 32)")
+    p.add_argument("--baseline-tokens", type=int, default=8, help="tokens to generate with --mmap-only (default 8)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--cold", choices=("drop", "file"), default="drop",
+                   help="before each run: drop the whole page cache (default, as measured runs need) or only "
+                        "evict the checkpoint's files (gentler on a shared machine)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
+    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.set_defaults(func=run_runs)
+
+    p = sub.add_parser("child", help="(used by run) generate with a store variant and print --stats")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--budget", type=parse_size_arg, required=True)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=run_child)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
