@@ -160,12 +160,22 @@ class MemoryPlan:
                 f"({share:.0%})")
 
 
+# Expert pieces used in place from the mapping (expert_cache.split_expert): the bf16 biases, small tensors
+# stored among the dense weights. They live in the page cache with the dense weights.
+MAPPED_EXPERT_PIECES = ("mlp.mlp1_bias", "mlp.mlp2_bias")
+
+
+def _is_streamed(name: str) -> bool:
+    suffix = name.split(".", 2)[-1]
+    return suffix in EXPERT_PIECES and suffix not in MAPPED_EXPERT_PIECES
+
+
 def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096) -> int:
-    """Page-cache bytes of the dense weights a run touches: all but the expert pieces; of the embedding,
-    the pages of at most `context_length` distinct rows."""
+    """Page-cache bytes of the dense weights a run touches: all but the streamed expert pieces; of the
+    embedding, the pages of at most `context_length` distinct rows."""
     total = 0
     for name, (dtype, shape) in original_tensors(config).items():
-        if name.split(".", 2)[-1] in EXPERT_PIECES:
+        if _is_streamed(name):
             continue
         nbytes = 2 if dtype == "BF16" else 1
         for d in shape:
@@ -179,13 +189,16 @@ def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096) -> 
 
 
 def dense_ranges(checkpoint) -> list[TensorRange]:
-    """Byte ranges of the dense weights every token reads (all but the experts and the embedding, of
-    which a token reads one row), merged where adjacent, in file order."""
+    """Byte ranges of the dense weights every token reads (all but the streamed expert pieces and the
+    embedding, of which a token reads one row), merged where adjacent, in file order."""
     ranges = []
     for name in original_tensors(checkpoint.config):
-        if name == "embedding.weight" or name.split(".", 2)[-1] in EXPERT_PIECES:
+        if name == "embedding.weight" or _is_streamed(name):
             continue
-        ranges.append(checkpoint.tensor_range(name))
+        try:
+            ranges.append(checkpoint.tensor_range(name))
+        except ValueError:
+            continue  # a layout that stores it elsewhere (a repacked record: read with its expert)
     ranges.sort(key=lambda r: (r.path, r.offset))
     merged: list[TensorRange] = []
     for r in ranges:

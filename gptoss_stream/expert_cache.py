@@ -52,7 +52,7 @@ class StreamStats(ExpertStats):
     prefetch_used: int = 0     # ... that the router then asked for (counted in hits too)
     predicted: int = 0         # routed experts in layers that had a guess
     predicted_right: int = 0   # ... that were in the guess
-    reads: int = 0             # records read (demand + prefetch)
+    reads: int = 0             # records read (demand + prefetch; cancelled ones not counted)
     bytes_read: int = 0        # bytes fetched from disk (page-aligned extents)
     read_seconds: float = 0.0  # time the I/O thread spent reading
     stall_seconds: float = 0.0  # time the model waited for an expert
@@ -96,8 +96,9 @@ class _Entry:
 
 @dataclass(frozen=True)
 class _RecordPlan:
-    layout: RecordLayout
-    pieces: tuple[tuple[np.dtype, tuple[int, ...], int], ...]  # (dtype, shape, buffer offset) of the 6 views
+    layout: RecordLayout  # the read part (no extents if every piece is used from the mapping)
+    # per view, in ExpertWeights order: (dtype, shape, buffer offset), or the mapped view itself
+    pieces: tuple[tuple[np.dtype, tuple[int, ...], int] | np.ndarray, ...]
     ranges: tuple[TensorRange, ...]
     nbytes: int  # payload: the six pieces (what the model asked for; reads add alignment)
 
@@ -105,6 +106,47 @@ class _RecordPlan:
 def record_bound(ranges: Iterable[TensorRange]) -> int:
     """Buffer bytes any record with pieces of these sizes can need, whatever their alignment in the file."""
     return sum(-(-r.nbytes // ALIGN) * ALIGN + ALIGN for r in ranges)
+
+
+def _expert_views(weights: ExpertWeights) -> tuple[np.ndarray, ...]:
+    return (weights.mlp1_blocks, weights.mlp1_scales, weights.mlp1_bias,
+            weights.mlp2_blocks, weights.mlp2_scales, weights.mlp2_bias)
+
+
+def split_expert(checkpoint, layer: int, e: int) -> tuple[ExpertWeights, list[int | None], list[TensorRange]]:
+    """Which of an expert's pieces are read into a slot and which are used from the mapping.
+
+    In the original and HF layouts the bf16 biases are tensors of their own, stored among the dense bf16
+    weights (the safetensors writer sorts by dtype), 16 KB per expert against 13 MB of MXFP4: reading
+    them with O_DIRECT would cost four extra small reads per expert. They are used in place instead and
+    kept in the page cache with the dense weights (budget.dense_ranges). A piece that shares its range
+    with others (a repacked record) is read with them.
+
+    Returns the mapped weights, per view the index of its range in the read list (None: from the mapping),
+    and the read list.
+    """
+    mapped = checkpoint.expert(layer, e)  # views only: nothing is read
+    ranges = list(mapped.ranges)
+    bases = [checkpoint.address(r) for r in ranges]
+    owner: list[int] = []
+    for view in _expert_views(mapped):
+        ptr = view.ctypes.data
+        for i, (base, r) in enumerate(zip(bases, ranges)):
+            if base <= ptr and ptr + view.nbytes <= base + r.nbytes:
+                owner.append(i)
+                break
+        else:
+            raise ValueError(f"expert ({layer}, {e}): a weight view lies outside its byte ranges")
+    alone = [owner.count(i) == 1 for i in range(len(ranges))]
+    in_place = {i for view, i in zip(_expert_views(mapped), owner) if alone[i] and view.dtype == np.uint16}
+    read = [r for i, r in enumerate(ranges) if i not in in_place]
+    index = {i: n for n, i in enumerate(i for i in range(len(ranges)) if i not in in_place)}
+    return mapped, [index.get(i) for i in owner], read
+
+
+def expert_slot_bytes(checkpoint) -> int:
+    """Bytes of one cache slot: what any expert's read part can need (all experts have the same shapes)."""
+    return max(record_bound(split_expert(checkpoint, 0, 0)[2]), ALIGN)
 
 
 class StreamingExpertStore:
@@ -123,7 +165,7 @@ class StreamingExpertStore:
         self.num_layers, self.num_experts = cfg.num_hidden_layers, cfg.num_experts
         self.slots = min(slots, self.num_layers * self.num_experts)  # more could never be used
         self.policy = policy
-        self.slot_bytes = record_bound(checkpoint.expert_ranges(0, 0))
+        self.slot_bytes = expert_slot_bytes(checkpoint)
         self.reader = FileReader(direct)
         for path in checkpoint.files():
             self.reader.is_direct(path)  # open every shard now: bad permissions fail here, sizes are recorded
@@ -368,24 +410,20 @@ class StreamingExpertStore:
         key = (layer, e)
         plan = self._plans.get(key)
         if plan is None:
-            mapped = self.checkpoint.expert(layer, e)  # views only: nothing is read
-            ranges = tuple(mapped.ranges)
-            layout = plan_record(ranges)
+            mapped, owner, read = split_expert(self.checkpoint, layer, e)
+            layout = plan_record(read) if read else RecordLayout((), (), 0)
             if layout.nbytes > self.slot_bytes:
                 raise ValueError(f"expert ({layer}, {e}) needs {layout.nbytes} bytes, more than a slot "
                                  f"({self.slot_bytes}): experts of different sizes are not supported")
-            bases = [self.checkpoint.address(r) for r in ranges]
-            pieces = []
-            for view in (mapped.mlp1_blocks, mapped.mlp1_scales, mapped.mlp1_bias,
-                         mapped.mlp2_blocks, mapped.mlp2_scales, mapped.mlp2_bias):
-                ptr = view.ctypes.data
-                for i, (base, r) in enumerate(zip(bases, ranges)):
-                    if base <= ptr and ptr + view.nbytes <= base + r.nbytes:
-                        pieces.append((view.dtype, view.shape, layout.piece_offsets[i] + ptr - base))
-                        break
+            pieces: list = []
+            for view, i in zip(_expert_views(mapped), owner):
+                if i is None:
+                    pieces.append(view)
                 else:
-                    raise ValueError(f"expert ({layer}, {e}): a weight view lies outside its byte ranges")
-            plan = self._plans[key] = _RecordPlan(layout, tuple(pieces), ranges, mapped.nbytes)
+                    r = read[i]
+                    offset = layout.piece_offsets[i] + view.ctypes.data - self.checkpoint.address(r)
+                    pieces.append((view.dtype, view.shape, offset))
+            plan = self._plans[key] = _RecordPlan(layout, tuple(pieces), tuple(mapped.ranges), mapped.nbytes)
         return plan
 
     def _slot_buffer(self, slot: int) -> np.ndarray:
@@ -397,7 +435,6 @@ class StreamingExpertStore:
         entry = _Entry(layer, e, slot, job)
         job.tag = entry
         self._layers[layer][e] = entry
-        self.stats.reads += 1
         self.io.submit(job)
         return entry
 
@@ -407,6 +444,7 @@ class StreamingExpertStore:
             entry: _Entry = job.tag
             self.stats.read_seconds += job.seconds
             if error is None:
+                self.stats.reads += 1
                 self.stats.bytes_read += job.layout.read_bytes
                 entry.state = READY
             else:
@@ -417,7 +455,11 @@ class StreamingExpertStore:
         plan = self._plan(entry.layer, entry.expert)
         base = entry.slot * self.slot_bytes
         views = []
-        for dtype, shape, offset in plan.pieces:
+        for piece in plan.pieces:
+            if isinstance(piece, np.ndarray):
+                views.append(piece)  # used in place from the mapping
+                continue
+            dtype, shape, offset = piece
             count = int(np.prod(shape))
             v = np.frombuffer(self.arena, dtype=dtype, count=count, offset=base + offset).reshape(shape)
             v.flags.writeable = False
@@ -468,7 +510,7 @@ def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max
     before anything is read."""
     from gptoss_stream.budget import available_memory, dense_ranges, plan_memory
 
-    slot_bytes = record_bound(checkpoint.expert_ranges(0, 0))
+    slot_bytes = expert_slot_bytes(checkpoint)
     plan = plan_memory(checkpoint.config, slot_bytes, budget if budget is not None else available_memory(),
                        context_length, max_chunk)
     store = StreamingExpertStore(checkpoint, plan.expert_slots, **options)

@@ -16,9 +16,11 @@ import pytest
 from gptoss_stream import cli
 from gptoss_stream.checkpoint import Checkpoint, TensorRange
 from gptoss_stream.config import ModelConfig
-from gptoss_stream.expert_cache import LFU, LRU, StreamingExpertStore, open_budgeted_store
+from gptoss_stream.expert_cache import (LFU, LRU, StreamingExpertStore, expert_slot_bytes, open_budgeted_store,
+                                        record_bound, split_expert)
 from gptoss_stream.experts import MappedExpertStore
 from gptoss_stream.model import Model
+from gptoss_stream.repack import repack
 from gptoss_stream.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
 from gptoss_stream.synthetic import make_checkpoint
 
@@ -141,6 +143,20 @@ def test_io_thread_forwards_errors_and_keeps_serving(micro_checkpoint, tmp_path)
 # ---------------------------------------------------------------------------- the store
 
 
+def test_biases_are_used_in_place_and_the_mxfp4_pieces_read(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    mapped, owner, read = split_expert(ck, 1, 2)
+    ranges = ck.expert_ranges(1, 2)
+    assert owner == [0, 1, None, 2, 3, None]
+    assert read == [ranges[0], ranges[1], ranges[3], ranges[4]]
+    assert expert_slot_bytes(ck) == record_bound(read)
+    with StreamingExpertStore(ck, slots=2) as store:
+        (_, w), = list(store.request(1, [2]))
+        assert np.shares_memory(w.mlp1_bias, mapped.mlp1_bias) and np.shares_memory(w.mlp2_bias, mapped.mlp2_bias)
+        assert not np.shares_memory(w.mlp1_blocks, mapped.mlp1_blocks)
+        assert store.stats.bytes_read == plan_record(read).read_bytes
+
+
 def test_store_serves_the_mapped_bytes(tiny_original):
     ck = Checkpoint.open(tiny_original)
     cfg = ck.config
@@ -188,6 +204,21 @@ def test_hf_layout_streams_the_same(tiny_original, tiny_hf):
     ck = Checkpoint.open(tiny_hf)  # sharded: an expert's pieces may sit in different files
     with StreamingExpertStore(ck, slots=6) as store:
         streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=6))
+    for a, b in zip(reference, streamed):
+        assert np.array_equal(a, b)
+
+
+def test_repacked_layout_reads_one_record_per_expert(tiny_original, tmp_path):
+    repack(tiny_original, tmp_path / "repacked", progress=False)
+    ck = Checkpoint.open(tmp_path / "repacked")
+    mapped, owner, read = split_expert(ck, 0, 1)
+    assert len(read) == 1 and owner == [0] * 6  # one contiguous record, biases included
+    tokens = prompt(10, seed=5)
+    reference = run(Model(Checkpoint.open(tiny_original), max_chunk=8), tokens, prefill=6)
+    with StreamingExpertStore(ck, slots=6) as store:
+        streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=6))
+        assert store.stats.reads > 0 and store.stats.bytes_read == store.stats.reads * plan_record(read).read_bytes
+        assert store.io.reader.counters.reads == store.stats.reads  # one pread per expert
     for a, b in zip(reference, streamed):
         assert np.array_equal(a, b)
 
