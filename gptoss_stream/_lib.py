@@ -108,6 +108,7 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_attention": ([_p, _sz, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz, _sz, _p, _f, _p], _i),
     "gptoss_kv_store": ([_p, _p, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz], _i),
     "gptoss_mincore": ([_p, _sz, _p], _i),
+    "gptoss_read_bandwidth": ([_p, _sz, _i, _p], _i),
 }
 
 for _name, (_argtypes, _restype) in _SIGNATURES.items():

@@ -330,3 +330,14 @@ def mincore(address: int, length: int, out: np.ndarray | None = None) -> np.ndar
     out = _out(out, (n_pages,), np.uint8)
     _lib.call("gptoss_mincore", address, length, _ptr(out))
     return out
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def read_bandwidth(buffer: np.ndarray, repeats: int = 5) -> float:
+    """Best bytes/s of all threads streaming through buffer (a memory figure if it dwarfs the caches)."""
+    _check("buffer", buffer, buffer.dtype)
+    result = np.zeros(1, dtype=np.float64)
+    _lib.call("gptoss_read_bandwidth", _ptr(buffer), buffer.nbytes, int(repeats), _ptr(result))
+    return float(result[0])

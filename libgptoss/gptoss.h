@@ -185,6 +185,14 @@ int gptoss_kv_store(const gptoss_bf16 *k, const gptoss_bf16 *v, size_t m, size_t
  */
 int gptoss_mincore(const void *addr, size_t length, uint8_t *vec);
 
+/* ---------------------------------------------------------------- membench.c */
+
+/*
+ * Best read bandwidth over `repeats` passes of all threads streaming their slice of buffer (make it much
+ * larger than the caches to measure memory). For benchmarks: the limit a memory-bound decode can reach.
+ */
+int gptoss_read_bandwidth(const void *buffer, size_t nbytes, int repeats, double *bytes_per_second);
+
 #ifdef __cplusplus
 }
 #endif
