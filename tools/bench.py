@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""End-to-end speed of gptoss-stream: prefill and decode tokens/s, peak memory, and how close both come to
+this machine's limits, measured in the same run.
+
+  python tools/bench.py -m /work/ckpt/20b [--prompt-tokens 64] [--decode-tokens 16] [--warm] [--profile]
+
+Limits. Decode is memory-bound: each token reads the active weights once (every layer's attention and router
+weights, 4 experts per layer, the unembedding, one embedding row), so the limit is the measured read
+bandwidth divided by those bytes. Prefill is compute-bound: the limit is the measured bf16 GEMM rate divided
+by the matmul FLOPs per prompt token.
+
+--warm reads the whole checkpoint through the page cache first (the "everything fits in RAM" case);
+without it, whatever the page cache holds is used. --profile adds a per-token time breakdown by kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptoss_stream import kernels  # noqa: E402
+from gptoss_stream import model as model_module  # noqa: E402
+from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.config import ModelConfig  # noqa: E402
+from gptoss_stream.model import Model  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- machine limits
+
+
+def measure_bandwidth() -> float:
+    """bytes/s of all threads reading a 2 GiB buffer (far beyond the caches)."""
+    buffer = np.ones(2 << 30, dtype=np.uint8)
+    return kernels.read_bandwidth(buffer, repeats=5)
+
+
+def measure_gemm_flops(m: int = 512, n: int = 2880, k: int = 2880) -> float:
+    """FLOP/s of the bf16 matmul prefill runs (weights [n, k] in place)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0x3C00, 0x3F80, size=(m, k), dtype=np.uint16)
+    w = rng.integers(0x3C00, 0x3F80, size=(n, k), dtype=np.uint16)
+    out = np.empty((m, n), dtype=np.uint16)
+    kernels.matmul(x, w, out=out)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        kernels.matmul(x, w, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * n * k / best
+
+
+# ---------------------------------------------------------------------------- work per token
+
+
+def decode_bytes_per_token(cfg: ModelConfig, expert_bytes: int) -> dict[str, int]:
+    """Bytes of weights one decode token reads (bf16 dense, MXFP4 experts with their biases)."""
+    h, e = cfg.hidden_size, cfg.num_experts
+    attention = (cfg.qkv_dim * h + cfg.qkv_dim + h * cfg.q_dim + h + cfg.num_attention_heads + 2 * h) * 2
+    router = (e * h + e) * 2
+    return {
+        "attention": cfg.num_hidden_layers * attention,
+        "router": cfg.num_hidden_layers * router,
+        "experts": cfg.num_hidden_layers * cfg.experts_per_token * expert_bytes,
+        "unembedding": (cfg.vocab_size * h + h) * 2,
+        "embedding_row": h * 2,
+    }
+
+
+def prefill_flops_per_token(cfg: ModelConfig) -> float:
+    """Matmul FLOPs per prompt token (attention projections, router, 4 experts; logits only for the last
+    token, so not counted)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    per_layer = cfg.qkv_dim * h + h * cfg.q_dim + cfg.num_experts * h
+    per_layer += cfg.experts_per_token * (2 * i * h + h * i)
+    return 2.0 * cfg.num_hidden_layers * per_layer
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+class KernelProfile:
+    """Wraps the kernels the model calls and attributes their time to a category: which kernel, and for
+    matmuls which part of the model called it. What is left of the wall time is Python."""
+
+    CATEGORIES = {
+        ("attention_block", "matmul"): "attention matmuls (qkv, out)",
+        ("attention_block", "rope_apply_"): "rope + kv store + attention",
+        ("attention_block", "kv_store"): "rope + kv store + attention",
+        ("attention_block", "attention"): "rope + kv store + attention",
+        ("route", "matmul"): "router",
+        ("route", "topk_softmax"): "router",
+        ("moe_block", "matmul_mxfp4"): "experts (dequant + matmul, fused)",
+        ("logits", "matmul"): "unembedding",
+    }
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.phase = "other"
+        self._originals: list[tuple[object, str, object]] = []
+
+    def install(self) -> None:
+        for name in ("matmul", "matmul_mxfp4", "rope_apply_", "kv_store", "attention", "topk_softmax", "rmsnorm",
+                     "swiglu", "scatter_add_weighted", "add_", "add_f32_"):
+            self._wrap(model_module.kernels, name, self._timed_kernel)
+        for name in ("attention_block", "route", "moe_block", "logits"):
+            self._wrap(Model, name, self._phase_method)
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+
+    def _wrap(self, owner, name, factory) -> None:
+        original = getattr(owner, name)
+        self._originals.append((owner, name, original))
+        setattr(owner, name, factory(name, original))
+
+    def _timed_kernel(self, name, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                category = self.CATEGORIES.get((self.phase, name), "other kernels (norms, swiglu, adds)")
+                self.seconds[category] += time.perf_counter() - start
+        return timed
+
+    def _phase_method(self, name, fn):
+        def phased(model_self, *args, **kwargs):
+            outer, self.phase = self.phase, name
+            try:
+                return fn(model_self, *args, **kwargs)
+            finally:
+                self.phase = outer
+        return phased
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def warm_page_cache(paths: list[str]) -> float:
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def rss_anon_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", required=True, help="checkpoint folder")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the whole prompt)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--warm", action="store_true", help="read the whole checkpoint into the page cache first")
+    p.add_argument("--profile", action="store_true", help="per-token time breakdown (adds a little overhead)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    kernels.set_num_threads(args.threads)
+    threads = kernels.get_num_threads()
+    checkpoint = Checkpoint.open(args.model)
+    cfg = checkpoint.config
+    if args.warm:
+        print(f"warm: read the checkpoint in {warm_page_cache(checkpoint.files()):.1f} s", file=sys.stderr)
+    model = Model(checkpoint, max_chunk=args.chunk or args.prompt_tokens, num_threads=args.threads)
+    tokens = np.random.default_rng(0).integers(0, 199_998, size=args.prompt_tokens).tolist()
+
+    cache = model.new_cache(args.prompt_tokens + args.decode_tokens + 1)
+    start = time.perf_counter()
+    logits = model.forward(tokens, cache)
+    prefill_s = time.perf_counter() - start
+
+    profile = KernelProfile() if args.profile else None
+    if profile:
+        profile.install()
+    steps = []
+    token = int(np.argmax(logits))
+    for _ in range(args.decode_tokens):
+        start = time.perf_counter()
+        token = int(np.argmax(model.forward([token], cache)))
+        steps.append(time.perf_counter() - start)
+    if profile:
+        profile.uninstall()
+
+    # Memory first (the limits below allocate a 2 GiB buffer), then the machine's limits in the same run.
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_anon_mb = rss_anon_bytes() / 2**20
+    bandwidth = measure_bandwidth()
+    gemm = measure_gemm_flops()
+    print(f"machine: {threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"bf16 GEMM (M=512) {gemm / 1e9:.0f} GFLOP/s", file=sys.stderr)
+
+    per_token = decode_bytes_per_token(cfg, checkpoint.expert_nbytes(0, 0))
+    bytes_per_token = sum(per_token.values())
+    decode_tps = 1.0 / float(np.median(steps))
+    decode_limit = bandwidth / bytes_per_token
+    prefill_tps = args.prompt_tokens / prefill_s
+    prefill_limit = gemm / prefill_flops_per_token(cfg)
+    results = {
+        "model": str(args.model), "threads": threads, "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens, "warm": args.warm,
+        "read_bandwidth_gbps": bandwidth / 1e9, "gemm_gflops": gemm / 1e9,
+        "decode_bytes_per_token": per_token,
+        "prefill_tok_s": prefill_tps, "prefill_limit_tok_s": prefill_limit,
+        "decode_tok_s": decode_tps, "decode_limit_tok_s": decode_limit,
+        "decode_ms_median": 1e3 * float(np.median(steps)), "decode_ms_min": 1e3 * min(steps),
+        "peak_rss_mb": peak_rss_mb, "rss_anon_mb": rss_anon_mb,
+    }
+    print(f"{'':10} {'tok/s':>8} {'limit':>8} {'ratio':>6}")
+    print(f"{'prefill':10} {prefill_tps:8.2f} {prefill_limit:8.2f} {prefill_tps / prefill_limit:6.0%}"
+          f"   ({args.prompt_tokens} tokens, GEMM-bound limit)")
+    print(f"{'decode':10} {decode_tps:8.2f} {decode_limit:8.2f} {decode_tps / decode_limit:6.0%}"
+          f"   ({bytes_per_token / 1e9:.2f} GB of weights per token, bandwidth-bound limit)")
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB, RssAnon {results['rss_anon_mb']:.0f} MB")
+    if profile:
+        total = sum(steps)
+        rows = sorted(profile.seconds.items(), key=lambda kv: -kv[1])
+        python = total - sum(profile.seconds.values())
+        results["profile_ms_per_token"] = {k: 1e3 * v / len(steps) for k, v in rows}
+        results["profile_ms_per_token"]["python and other"] = 1e3 * python / len(steps)
+        print("decode time per token:")
+        for name, ms in results["profile_ms_per_token"].items():
+            print(f"  {name:38} {ms:8.2f} ms  {ms / (1e3 * total / len(steps)):6.1%}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
