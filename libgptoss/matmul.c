@@ -35,10 +35,15 @@ void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *sca
 
 enum { CACHE_CAPACITY = 64, MD_SRC, MD_WEIGHTS, MD_BIAS, MD_DST, MD_SCRATCHPAD, MD_COUNT };
 
-/* Dequantized weight tile of gptoss_matmul_mxfp4 when the caller leaves tile_rows = 0: half of a Zen4 /
- * recent Intel L2 (1-2 MiB per core), so the tile, oneDNN's packed copy of it and the streaming MXFP4 input
- * all stay in L2 while oneDNN reads the tile right after it was written. Measured in tools/bench_kernels.py. */
-#define DEFAULT_TILE_BYTES ((size_t)512 * 1024)
+/*
+ * Dequantized weight tile of gptoss_matmul_mxfp4 when the caller leaves tile_rows = 0. Measured at M=1 on
+ * [5760, 2880] and [2880, 2880] (Zen4, 1 MiB L2 per core, 32 MiB L3; tools/bench_kernels.py --mxfp4-modes),
+ * 2 threads with parallel tiles: 64 rows (368 KiB) 8.8 GB/s of MXFP4, 128 rows 10-11, 256-720 rows 11-12.
+ * Past ~1 MiB the tile no longer fits L2 but the shared L3 serves the read-back just as well, while every
+ * extra tile costs a oneDNN call (~1-2 us) and a short GEMV runs below its best rate. 2 MiB per thread still
+ * leaves most of any L3 to everything else.
+ */
+#define DEFAULT_TILE_BYTES ((size_t)2 << 20)
 
 typedef struct {
     size_t m, n, k, ldx, ldy;
@@ -51,6 +56,10 @@ typedef struct {
     dnnl_memory_desc_t md[MD_COUNT];
     size_t scratchpad_bytes;
     uint64_t last_use;
+    /* Memory objects [mem_lanes][MD_COUNT], one set per lane, re-pointed at each call's buffers: creating
+     * them per call cost ~0.5 us each, a third of a small GEMV's time. */
+    dnnl_memory_t *mem;
+    size_t mem_lanes;
 } cache_entry;
 
 typedef struct {
@@ -74,6 +83,9 @@ static int ensure_engine(void) {
 }
 
 static void destroy_entry(cache_entry *e) {
+    for (size_t i = 0; i < e->mem_lanes * MD_COUNT; i++)
+        if (e->mem[i]) dnnl_memory_destroy(e->mem[i]);
+    free(e->mem);
     if (e->primitive) dnnl_primitive_destroy(e->primitive);
     for (int i = 0; i < MD_COUNT; i++)
         if (e->md[i]) dnnl_memory_desc_destroy(e->md[i]);
@@ -181,6 +193,27 @@ static int get_primitive(const matmul_key *key, cache_entry **out) {
     return GPTOSS_OK;
 }
 
+/* e has memory objects for lanes 0..count-1. */
+static int ensure_entry_lanes(cache_entry *e, size_t count) {
+    if (count <= e->mem_lanes) return GPTOSS_OK;
+    dnnl_memory_t *grown = realloc(e->mem, count * MD_COUNT * sizeof *grown);
+    if (!grown) return GPTOSS_ERR_NO_MEMORY;
+    memset(grown + e->mem_lanes * MD_COUNT, 0, (count - e->mem_lanes) * MD_COUNT * sizeof *grown);
+    e->mem = grown;
+    size_t first = e->mem_lanes;
+    e->mem_lanes = count;
+    for (size_t lane_id = first; lane_id < count; lane_id++) {
+        for (int i = MD_SRC; i < MD_COUNT; i++) {
+            dnnl_memory_t *m = &e->mem[lane_id * MD_COUNT + i];
+            if (e->md[i] && dnnl_memory_create(m, e->md[i], engine, DNNL_MEMORY_NONE) != dnnl_success) {
+                *m = NULL;
+                return GPTOSS_ERR_ONEDNN;
+            }
+        }
+    }
+    return GPTOSS_OK;
+}
+
 /* Lanes 0..count-1 exist and each has a scratchpad of at least bytes. */
 static int ensure_lanes(size_t count, size_t bytes) {
     if (count > n_lanes) {
@@ -208,35 +241,29 @@ static int ensure_lanes(size_t count, size_t bytes) {
     return GPTOSS_OK;
 }
 
-/* Runs e's primitive on the given buffers with lane l's stream and scratchpad. Safe to call from several
- * threads at once with distinct lanes. */
-static int execute(const cache_entry *e, lane *l, const void *x, const void *w, const void *bias, void *y) {
+/* Runs e's primitive on the given buffers with lane lane_id's memory objects, stream and scratchpad. Safe to
+ * call from several threads at once with distinct lanes. */
+static int execute(const cache_entry *e, size_t lane_id, const void *x, const void *w, const void *bias, void *y) {
     static const int arg_kind[MD_COUNT] = {
         [MD_SRC] = DNNL_ARG_SRC, [MD_WEIGHTS] = DNNL_ARG_WEIGHTS, [MD_BIAS] = DNNL_ARG_BIAS,
         [MD_DST] = DNNL_ARG_DST, [MD_SCRATCHPAD] = DNNL_ARG_SCRATCHPAD};
+    lane *l = &lanes[lane_id];
     void *handle[MD_COUNT] = {[MD_SRC] = (void *)x, [MD_WEIGHTS] = (void *)w, [MD_BIAS] = (void *)bias,
                               [MD_DST] = y, [MD_SCRATCHPAD] = l->scratchpad};
-    dnnl_memory_t mem[MD_COUNT] = {0};
+    dnnl_memory_t *mem = &e->mem[lane_id * MD_COUNT];
     dnnl_exec_arg_t args[MD_COUNT];
-    int nargs = 0, status = GPTOSS_OK;
+    int nargs = 0;
     for (int i = MD_SRC; i < MD_COUNT; i++) {
         if (!e->md[i]) continue;
-        if (dnnl_memory_create(&mem[i], e->md[i], engine, handle[i]) != dnnl_success) {
-            mem[i] = NULL;
-            status = GPTOSS_ERR_ONEDNN;
-            goto done;
-        }
+        if (dnnl_memory_set_data_handle(mem[i], handle[i]) != dnnl_success) return GPTOSS_ERR_ONEDNN;
         args[nargs].arg = arg_kind[i];
         args[nargs].memory = mem[i];
         nargs++;
     }
     if (dnnl_primitive_execute(e->primitive, l->stream, nargs, args) != dnnl_success ||
         dnnl_stream_wait(l->stream) != dnnl_success)
-        status = GPTOSS_ERR_ONEDNN;
-done:
-    for (int i = MD_SRC; i < MD_COUNT; i++)
-        if (mem[i]) dnnl_memory_destroy(mem[i]);
-    return status;
+        return GPTOSS_ERR_ONEDNN;
+    return GPTOSS_OK;
 }
 
 /* ---------------------------------------------------------------- validation helpers */
@@ -269,7 +296,8 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
     cache_entry *e;
     int status = get_primitive(&key, &e);
     if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
-    if (!status) status = execute(e, &lanes[0], x, w, bias, y);
+    if (!status) status = ensure_entry_lanes(e, 1);
+    if (!status) status = execute(e, 0, x, w, bias, y);
     pthread_mutex_unlock(&matmul_lock);
     return status;
 }
@@ -280,11 +308,12 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
  *
  * Parallelism: when the scratch holds a slot per thread, the tiles are shared out by an `omp parallel for`
  * and each thread runs oneDNN single-threaded on its own tile (primitives planned for 1 thread, own lane).
- * Each core then dequantizes and multiplies its own tile in its own L2, with no barrier between the two
- * steps. The alternative (tiles in sequence, dequantize with all threads then one oneDNN call with all
- * threads) pays two fork/joins per tile and moves half of each tile between cores; at M=1 it measured
- * slower (tools/bench_kernels.py --mxfp4-modes). When the scratch holds one slot only, that alternative is
- * what runs.
+ * Each core then dequantizes and multiplies its own tile in its own cache, with no barrier between the two
+ * steps. The alternative (tiles in sequence, dequantize with all threads, then one oneDNN call with all
+ * threads) pays two fork/joins per tile and moves half of each tile between cores: at M=1, 2 threads, it
+ * measured 7.6 GB/s of MXFP4 against 10-11 for parallel tiles with 128-row tiles, 10.3 against 11.2 with
+ * 384 (tools/bench_kernels.py --mxfp4-modes). When the scratch holds one slot only, that alternative is what
+ * runs.
  */
 GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, const uint8_t *blocks,
                                    const uint8_t *scales, size_t n, const gptoss_bf16 *bias, gptoss_bf16 *y,
@@ -336,6 +365,8 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
                                                                       : last->scratchpad_bytes;
         status = ensure_lanes(n_par, pad);
     }
+    if (!status) status = ensure_entry_lanes(full, n_par);
+    if (!status) status = ensure_entry_lanes(last, n_par);
     if (status) {
         pthread_mutex_unlock(&matmul_lock);
         return status;
@@ -349,8 +380,7 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
             gptoss_bf16 *tile = scratch + lane_id * tile_elems;
             size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
             gptoss_dequantize_mxfp4_unchecked(blocks, scales, blocks_per_row, r0, r1, tile);
-            int st = execute(t + 1 == n_tiles ? last : full, &lanes[lane_id], x, tile, bias ? bias + r0 : NULL,
-                             y + r0);
+            int st = execute(t + 1 == n_tiles ? last : full, lane_id, x, tile, bias ? bias + r0 : NULL, y + r0);
             if (st) {
                 #pragma omp atomic write
                 failed = st;
@@ -362,8 +392,7 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
             size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
             status = gptoss_dequantize_mxfp4_rows(blocks, scales, n, blocks_per_row, r0, r1, scratch);
             if (!status)
-                status = execute(t + 1 == n_tiles ? last : full, &lanes[0], x, scratch, bias ? bias + r0 : NULL,
-                                 y + r0);
+                status = execute(t + 1 == n_tiles ? last : full, 0, x, scratch, bias ? bias + r0 : NULL, y + r0);
         }
     }
     pthread_mutex_unlock(&matmul_lock);

@@ -22,7 +22,7 @@
 
 #include "bf16.h"
 
-enum { BLOCK_VALUES = 32, BLOCK_BYTES = 16, E8M0_NAN = 255, BF16_QNAN = 0x7fc0 };
+enum { BLOCK_VALUES = 32, BLOCK_BYTES = 16, E8M0_NAN = 255, BF16_QNAN = 0x7fc0, PREFETCH_BYTES = 1024 };
 
 /* Below this much bf16 output, threads cost more to wake than they save (~10 us of work at 20 GB/s). */
 #define PARALLEL_MIN_OUTPUT_BYTES ((size_t)256 * 1024)
@@ -103,7 +103,7 @@ __attribute__((target("avx2"))) static void dequant_avx2(const uint8_t *blocks, 
 /*
  * One block: its 16 bytes zero-extended to 16 dwords, dword j = byte j. (d | d << 12) & 0x000f000f puts the
  * low nibble in the dword's low word and the high nibble in its high word: the 32 word indices in value
- * order, ready for VPERMW. Two blocks per iteration to overlap the table loads.
+ * order, ready for VPERMW.
  */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512i block_avx512(const uint8_t *q,
                                                                                       const uint16_t *table) {
@@ -118,13 +118,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void dequant_avx512(
                                                                                 const uint8_t *scales,
                                                                                 size_t n_blocks, uint16_t *out) {
     size_t b = 0;
-    for (; b + 2 <= n_blocks; b += 2) {
-        __m512i v0 = block_avx512(blocks + b * BLOCK_BYTES, lut[scales[b]]);
-        __m512i v1 = block_avx512(blocks + (b + 1) * BLOCK_BYTES, lut[scales[b + 1]]);
-        _mm512_storeu_si512(out + b * BLOCK_VALUES, v0);
-        _mm512_storeu_si512(out + (b + 1) * BLOCK_VALUES, v1);
+    /* Four blocks = one 64-byte line of input per iteration. The input usually comes from DRAM (an expert
+     * just read from disk) and a software prefetch 1 KiB ahead measured 10-20% faster than leaving it to the
+     * hardware prefetchers, which stop at every 4 KiB page. */
+    for (; b + 4 <= n_blocks; b += 4) {
+        _mm_prefetch((const char *)(blocks + b * BLOCK_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
+        if (b % 64 == 0) _mm_prefetch((const char *)(scales + b + PREFETCH_BYTES / BLOCK_BYTES), _MM_HINT_T0);
+        for (size_t j = b; j < b + 4; j += 2) {
+            __m512i v0 = block_avx512(blocks + j * BLOCK_BYTES, lut[scales[j]]);
+            __m512i v1 = block_avx512(blocks + (j + 1) * BLOCK_BYTES, lut[scales[j + 1]]);
+            _mm512_storeu_si512(out + j * BLOCK_VALUES, v0);
+            _mm512_storeu_si512(out + (j + 1) * BLOCK_VALUES, v1);
+        }
     }
-    if (b < n_blocks)
+    for (; b < n_blocks; b++)
         _mm512_storeu_si512(out + b * BLOCK_VALUES, block_avx512(blocks + b * BLOCK_BYTES, lut[scales[b]]));
 }
 
