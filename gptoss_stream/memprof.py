@@ -760,9 +760,12 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
         for p in report["phases"]:
             end = p["end"] if p["end"] is not None else t[-1]
             ax.axvspan(p["start"], end, color=colours.get(p["name"], "#eeeeee"), alpha=0.5, zorder=0, linewidth=0)
-    top = mem.get_ylim()[1]
+    top, span = mem.get_ylim()[1], max(t[-1], 1e-9)
     for p in report["phases"]:
-        mem.text(p["start"], top, f" {p['name']}", va="top", ha="left", fontsize=9)
+        end = p["end"] if p["end"] is not None else t[-1]
+        narrow = (end - p["start"]) < 0.08 * span  # a short load phase: write its name upright
+        mem.text((p["start"] + end) / 2, top, p["name"], va="top", ha="center", fontsize=9,
+                 rotation=90 if narrow else 0)
     mem.set_ylabel("GiB")
     mem.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.0, 0.92))
     mem.set_title(f"gptoss memprof: {Path(report['model']['path']).name}, prompt "
@@ -782,6 +785,8 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
             rates.append((cur["read_bytes"] - prev["read_bytes"]) / (cur["t"] - prev["t"]) / 2 ** 20)
     disk.plot(xs, rates, color="#8c564b", linewidth=0.8, alpha=0.7, label="disk read MiB/s")
     disk.set_ylabel("disk MiB/s")
+    speed.set_ylim(bottom=0)
+    disk.set_ylim(bottom=0)
     handles = speed.get_legend_handles_labels()[0] + disk.get_legend_handles_labels()[0]
     speed.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     fig.tight_layout()
