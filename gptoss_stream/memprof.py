@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import resource
 import signal
 import subprocess
@@ -79,24 +78,6 @@ MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install 'gptoss-stream[plot]'
 
 
 # ---------------------------------------------------------------------------- sizes
-
-
-# The same size syntax as --ram-budget: K/M/G/T and KiB/MiB/... are powers of 1024 (as cgroups read them),
-# KB/MB/GB/TB powers of 1000.
-_SIZE_UNITS = {"": 1, "B": 1, **{p: 1024 ** (i + 1) for i, p in enumerate("KMGT")},
-               **{p + "IB": 1024 ** (i + 1) for i, p in enumerate("KMGT")},
-               **{p + "B": 1000 ** (i + 1) for i, p in enumerate("KMGT")}}
-
-
-def parse_size(text: str) -> int:
-    """'4G' -> 4 GiB, '3.5G', '800M', '512MiB', '4GB' (10^9), '4096' (bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise ValueError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
-    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
 
 
 def format_bytes(n: float | None) -> str:
@@ -481,7 +462,7 @@ def profile(args: argparse.Namespace, cgroup: MemoryCgroup | None = None) -> dic
         },
         "settings": {
             "prompt_tokens": len(prompt), "max_tokens": args.max_tokens, "interval": args.interval,
-            "ram_budget": getattr(args, "ram_budget", None), "mmap_only": bool(getattr(args, "mmap_only", False)),
+            "ram_budget": args.ram_budget, "mmap_only": args.mmap_only,
             "memory_plan": _describe(getattr(args, "plan", None)), "limit": getattr(args, "limit_bytes", None),
             "cold": bool(args.cold), "threads": args.threads, "chunk": args.chunk, "context": args.context,
             "raw": bool(args.raw), "temperature": args.temperature, "seed": args.seed,
@@ -851,9 +832,6 @@ def run_memprof(args: argparse.Namespace) -> int:
         return 0
     if not args.model or args.prompt is None:
         raise ValueError("memprof needs -m MODEL_DIR and -p PROMPT (or --compare A.json B.json)")
-    if getattr(args, "unsupported_ram_budget", None) is not None:
-        raise ValueError("--ram-budget: this build's model options (cli.add_model_arguments / open_model) have no "
-                         "RAM budget yet, so it cannot be applied")
     if args.max_tokens < 2:
         raise ValueError(f"memprof needs -n >= 2 (one token from the prefill, at least one decode step), "
                          f"got {args.max_tokens}")
@@ -863,6 +841,8 @@ def run_memprof(args: argparse.Namespace) -> int:
         raise RuntimeError(MATPLOTLIB_MISSING)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
+    from gptoss_stream.budget import parse_size  # the same size syntax as --ram-budget
+
     args.limit_bytes = parse_size(args.limit) if args.limit else None
     args.command_line = " ".join(["gptoss", *sys.argv[1:]])
     if args.limit_bytes is not None:
@@ -915,11 +895,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template: feed the prompt's tokens as they are")
     cli.add_sampling_arguments(p)
     p.set_defaults(max_tokens=16)
-    if "--ram-budget" not in p._option_string_actions:
-        # The budget belongs to the shared model options (cli.open_model applies it); until they have it,
-        # say so instead of silently profiling without one.
-        p.add_argument("--ram-budget", dest="unsupported_ram_budget", default=None, metavar="SIZE",
-                       help="RAM budget of the expert cache (not supported by this build's model options)")
     p.add_argument("--limit", default=None, metavar="SIZE",
                    help="run inside a cgroup v1 memory limit of SIZE (e.g. 4G; page cache counts) to emulate a "
                         "smaller box; needs root")

@@ -234,18 +234,6 @@ def test_bad_arguments(tiny_original):
     assert code == 1 and "invalid size 'lots'" in err
 
 
-def test_parse_size():
-    assert memprof.parse_size("4G") == 4 * 2 ** 30
-    assert memprof.parse_size("512m") == 512 * 2 ** 20
-    assert memprof.parse_size("1.5GiB") == 3 * 2 ** 29
-    assert memprof.parse_size("512MiB") == 512 * 2 ** 20
-    assert memprof.parse_size("4GB") == 4 * 10 ** 9
-    assert memprof.parse_size("4096") == 4096
-    for bad in ("", "G", "4X", "-1G", "0", "1.5.G"):
-        with pytest.raises(ValueError):
-            memprof.parse_size(bad)
-
-
 def _cgroup_v1_available() -> bool:
     try:
         memprof._memory_cgroup_mount()
