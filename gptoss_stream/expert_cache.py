@@ -155,7 +155,8 @@ class StreamingExpertStore:
     prefetches = True
 
     def __init__(self, checkpoint, slots: int, policy: str = LFU, direct: bool | None = None,
-                 half_life_tokens: float = DEFAULT_HALF_LIFE_TOKENS, prefetch: bool = True, io_threads: int = 1):
+                 half_life_tokens: float = DEFAULT_HALF_LIFE_TOKENS, prefetch: bool = True, io_threads: int = 1,
+                 guesses_borrow: bool = False):
         cfg = checkpoint.config
         if policy not in POLICIES:
             raise ValueError(f"unknown expert cache policy {policy!r}; choose one of {POLICIES}")
@@ -163,6 +164,7 @@ class StreamingExpertStore:
             raise ValueError(f"the expert cache needs at least 1 slot, got {slots}")
         self.checkpoint = checkpoint
         self.num_layers, self.num_experts = cfg.num_hidden_layers, cfg.num_experts
+        self.experts_per_token = cfg.experts_per_token
         self.slots = min(slots, self.num_layers * self.num_experts)  # more could never be used
         self.policy = policy
         self.slot_bytes = expert_slot_bytes(checkpoint)
@@ -185,6 +187,7 @@ class StreamingExpertStore:
         self._last_use = [[-1] * self.num_experts for _ in range(self.num_layers)]
         self._count = [[0.0] * self.num_experts for _ in range(self.num_layers)]
         self.prefetches = prefetch  # False: the model makes no guesses (for measuring what they bring)
+        self.guesses_borrow = guesses_borrow  # True: guesses take slots like misses do (no cap; for measuring)
         self.io = IOThread(self.reader, workers=io_threads)
 
     @property
@@ -256,7 +259,7 @@ class StreamingExpertStore:
             for e in experts:
                 if e in self._layers[layer]:
                     continue
-                slot = self._take_slot(layer, consumer=False)
+                slot = self._take_slot(layer, consumer=False, guess=self._guess[layer])
                 if slot is None:
                     break
                 self._start(layer, e, slot, PREFETCH).speculative = True
@@ -347,10 +350,23 @@ class StreamingExpertStore:
             return entry.stale and entry.job.state == "queued"
         return True
 
-    def _victim(self, layer: int, consumer: bool, current: int | None) -> _Entry | None:
+    def _victim(self, layer: int, consumer: bool, current: int | None, guess: set[int] | None = None) -> _Entry | None:
         for entry in self._stale:
             if self._evictable(entry):
                 return entry
+        if guess is not None and not self.guesses_borrow:
+            # A guess replaces its own layer's other entries first: the router will very likely not take
+            # those this time (they keep only the value any entry has for later tokens), while an entry of
+            # another layer may be a hit within this very token. Beyond that, guesses may borrow only as
+            # many slots as one layer routes to (the plan's second layer of slots), so a small cache still
+            # reads the next layer ahead without guesses churning everyone's entries.
+            candidates = [x for x in self._layers[layer].values()
+                          if self._evictable(x) and not x.speculative and x.expert not in guess]
+            if candidates:
+                return min(candidates, key=self._score)
+            in_flight = sum(1 for d in self._layers for x in d.values() if x.speculative)
+            if in_flight >= self.experts_per_token:
+                return None
         quota = self.slots / self.num_layers
         counts = [len(d) for d in self._layers]
         # A layer under its share takes from the layer furthest over its share; otherwise from itself.
@@ -373,11 +389,12 @@ class StreamingExpertStore:
                  if x.wanted and not x.pins and x.state == READY and x.expert != current]
         return max(later, key=lambda x: x.expert) if later else None
 
-    def _take_slot(self, layer: int, consumer: bool, current: int | None = None) -> int | None:
+    def _take_slot(self, layer: int, consumer: bool, current: int | None = None,
+                   guess: set[int] | None = None) -> int | None:
         if self._free:
             return self._free.pop()
         while True:
-            victim = self._victim(layer, consumer, current)
+            victim = self._victim(layer, consumer, current, guess)
             if victim is None:
                 return None
             if victim.state == LOADING and not self.io.cancel(victim.job):

@@ -287,6 +287,26 @@ def test_wrong_guesses_are_evicted_first_and_counted(tiny_original):
         assert set(store.cached()) == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 4), (1, 5)}
 
 
+def test_guesses_replace_their_own_layer_first_and_borrow_one_layer_at_most(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    layers = ck.config.num_hidden_layers  # 4 layers, 8 experts, k = 4
+
+    def layer(n):
+        return [e for m, e in store.cached() if m == n]
+
+    with StreamingExpertStore(ck, slots=2 * layers) as store:
+        for n in range(layers):
+            request_all(store, n, [0, 1])  # full: two entries per layer
+        store.prefetch(1, [4, 5, 6, 7])  # 4, 5 replace layer 1's own; 6, 7 borrow: k = 4 guesses in flight
+        assert layer(1) == [4, 5, 6, 7] and len(layer(0)) == 1 and len(layer(2)) == 1 and len(layer(3)) == 2
+        store.prefetch(3, [5])  # its own entries go first: nothing borrowed
+        assert len(layer(3)) == 2 and 5 in layer(3) and len(layer(0)) == 1
+        store.prefetch(2, [6, 7])  # 6 replaces layer 2's own; 7 would borrow, but k guesses are in flight
+        assert layer(2) == [6] and len(layer(0)) == 1 and len(store.cached()) == 2 * layers
+        assert store.stats.prefetch_issued == 6
+        assert store.wait_idle(30)
+
+
 def test_a_new_guess_cancels_reads_not_started(tiny_original):
     ck = Checkpoint.open(tiny_original)
     with StreamingExpertStore(ck, slots=8) as store:
