@@ -33,7 +33,10 @@
 void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,
                                         size_t row_begin, size_t row_end, gptoss_bf16 *out);
 
-enum { CACHE_CAPACITY = 64, MD_SRC, MD_WEIGHTS, MD_BIAS, MD_DST, MD_SCRATCHPAD, MD_COUNT };
+enum { CACHE_CAPACITY = 64 };
+
+/* The memory arguments of a matmul, indexing cache_entry.md and .mem. */
+enum { MD_SRC, MD_WEIGHTS, MD_BIAS, MD_DST, MD_SCRATCHPAD, MD_COUNT };
 
 /*
  * Dequantized weight tile of gptoss_matmul_mxfp4 when the caller leaves tile_rows = 0. Measured at M=1 on
@@ -104,8 +107,9 @@ static int make_md(dnnl_memory_desc_t *md, size_t rows, size_t cols, size_t row_
  * Implementation choice. oneDNN 3.2 ranks its brgemm matmul first, and with W in [n, k] ("ba") layout brgemm
  * first repacks W into its VNNI blocks and then multiplies: for a single row of x the repacking costs as
  * much as the product, so an M=1 matmul runs at about half the memory bandwidth. oneDNN's "gemm:jit" matmul
- * has a GEMV kernel that streams W once; tools/bench_kernels.py measured it ~1.5x faster at M=1 and slower
- * from M=2 on, so it is preferred for m <= GEMV_MAX_M only.
+ * has a GEMV kernel that streams W once. Measured on [5760, 2880], 1 thread, W from DRAM: M=1 gemm:jit
+ * 14.9 GB/s, brgemm 9.9; M=2 gemm:jit 5.3, brgemm 10.3 (it has no GEMV path there). So gemm:jit is
+ * preferred for m <= GEMV_MAX_M only.
  */
 enum { GEMV_MAX_M = 1 };
 
@@ -304,7 +308,7 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
 
 /*
  * Tiling. A tile is tile_rows rows of W (= tile_rows columns of y). For every tile: dequantize it into a
- * scratch slot, then one oneDNN matmul reads it back while it is still in L2 and writes y[:, tile].
+ * scratch slot, then one oneDNN matmul reads it back while it is still in cache and writes y[:, tile].
  *
  * Parallelism: when the scratch holds a slot per thread, the tiles are shared out by an `omp parallel for`
  * and each thread runs oneDNN single-threaded on its own tile (primitives planned for 1 thread, own lane).
@@ -329,14 +333,20 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
     size_t threads = (size_t)omp_get_max_threads();
     size_t rows = tile_rows;
     if (rows == 0) {
-        /* ~DEFAULT_TILE_BYTES, a multiple of 32 columns (oneDNN's blocking), no more tiles than needed to
-         * give every thread work, and no more than the scratch holds. */
-        rows = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
-        size_t per_thread = (n + threads - 1) / threads;
-        if (rows > per_thread) rows = per_thread;
-        rows = rows >= 32 ? rows / 32 * 32 : rows ? rows : 1;
-        if (rows > scratch_elems / k) rows = scratch_elems / k;
-        if (rows == 0) return GPTOSS_ERR_BAD_SIZE; /* scratch smaller than one row of W */
+        /* About DEFAULT_TILE_BYTES, shrunk if need be so that every thread gets a slot of the scratch
+         * (parallel tiles beat tiles in sequence even when smaller: 180-row tiles 10.4-10.8 GB/s of MXFP4,
+         * against ~8.5 for 360-row tiles in sequence), and in a number of equal tiles that is a multiple of the
+         * thread count, so the static split below is balanced ([2880, 2880]: 8 tiles of 360 rows rather
+         * than 7 of 364 and one of 332, which would leave one thread a whole tile behind). */
+        size_t target = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
+        size_t fit = scratch_elems / k / threads;
+        if (fit == 0) fit = scratch_elems / k; /* not one slot per thread: tiles in sequence */
+        if (fit == 0) return GPTOSS_ERR_BAD_SIZE; /* scratch smaller than one row of W */
+        if (target > fit) target = fit;
+        if (target == 0) target = 1;
+        size_t n_tiles = (n + target - 1) / target;
+        n_tiles = (n_tiles + threads - 1) / threads * threads;
+        rows = (n + n_tiles - 1) / n_tiles;
     }
     if (rows > n) rows = n;
     if (scratch_elems / k < rows) return GPTOSS_ERR_BAD_SIZE;

@@ -157,7 +157,7 @@ def bench_mxfp4(rng, threads: int, args, tile_rows: int = 0, scratch_tiles: int 
         x = random_bf16(rng, (1, k))
         bias = random_bf16(rng, (n,))
         y = np.empty((1, n), dtype=np.uint16)
-        rows = tile_rows or 256
+        rows = tile_rows or 512  # the library's default tile is ~2 MiB of bf16 (364 rows of 2880): room for it
         scratch = np.empty((scratch_tiles or threads) * rows * k, dtype=np.uint16)
 
         def call(i: int) -> None:
