@@ -11,7 +11,8 @@
  *   scalar:  two table reads per byte.
  * Sharing one table makes them bit-identical by construction; the tests compare each against numpy anyway.
  *
- * Out-of-range results: 1.5 * 2^128 and up overflow to +-inf (round to nearest, as an fp32 multiply would).
+ * Out-of-range results: 2^128 and up (e.g. 2 * 2^127) overflow to +-inf, as an fp32 multiply would round them;
+ * 1.5 * 2^127 is the largest finite value.
  * Scale 255 is NaN in E8M0 (OCP MX spec v1.0): every value of such a block becomes the quiet NaN 0x7fc0,
  * whatever its code (the sign of a NaN carries no meaning).
  */
