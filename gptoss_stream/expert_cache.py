@@ -171,7 +171,7 @@ class StreamingExpertStore:
         self.reader = FileReader(direct)
         for path in checkpoint.files():
             self.reader.is_direct(path)  # open every shard now: bad permissions fail here, sizes are recorded
-        self.arena = aligned_buffer(self.slots * self.slot_bytes)
+        self.arena = aligned_buffer(self.slots * self.slot_bytes, huge_pages=True)
         self.stats = StreamStats()
         self._cv = threading.Condition()
         self._free = list(range(self.slots))[::-1]

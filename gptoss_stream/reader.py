@@ -107,11 +107,21 @@ def plan_record(ranges: Sequence[TensorRange], align: int = ALIGN) -> RecordLayo
     return RecordLayout(tuple(extents), tuple(piece_offsets), at)
 
 
-def aligned_buffer(nbytes: int) -> np.ndarray:
+def aligned_buffer(nbytes: int, huge_pages: bool = False) -> np.ndarray:
     """A zero-initialised, page-aligned uint8 buffer (private anonymous mapping: pages cost RAM once written,
-    and count as RssAnon; mmap's default for fd -1 would be shared memory)."""
+    and count as RssAnon; mmap's default for fd -1 would be shared memory).
+
+    huge_pages asks for transparent huge pages (MADV_HUGEPAGE): an O_DIRECT read into 2 MiB pages goes to
+    the disk as a few large requests instead of one segment per 4 KiB page; measured +25-30% read
+    throughput for 13 MB expert records (1.5-1.6 -> 1.9-2.0 GB/s, docs/streaming.md).
+    """
     m = mmap.mmap(-1, max(_align_up(nbytes, mmap.PAGESIZE), mmap.PAGESIZE),
                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # THP disabled: 4 KiB pages work, just slower
     return np.frombuffer(m, dtype=np.uint8, count=nbytes)
 
 

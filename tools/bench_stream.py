@@ -102,7 +102,8 @@ def read_by_faults(ck: Checkpoint, groups: list[list[list[TensorRange]]], advice
     del maps
 
 
-def read_by_pread(groups: list[list[list[TensorRange]]], direct: bool, threads: int, shape: str = "all") -> None:
+def read_by_pread(groups: list[list[list[TensorRange]]], direct: bool, threads: int, shape: str = "all",
+                  huge: bool = False) -> None:
     """shape: "all" = the expert's 6 pieces; "store" = what StreamingExpertStore reads (the 4 MXFP4 pieces;
     the biases stay mapped); "contiguous" = one read of the same total size (the repacked layout's shape)."""
     reader = FileReader(direct=direct)
@@ -112,7 +113,9 @@ def read_by_pread(groups: list[list[list[TensorRange]]], direct: bool, threads: 
     elif shape == "contiguous":
         records = [[TensorRange(ranges[0].path, ranges[0].offset, sum(r.nbytes for r in ranges))] for ranges in records]
     layouts = [plan_record(r) for r in records]
-    buffers = [aligned_buffer(max(l.nbytes for l in layouts)) for _ in range(threads)]
+    buffers = [aligned_buffer(max(l.nbytes for l in layouts), huge_pages=huge) for _ in range(threads)]
+    for b in buffers:
+        b[::4096] = 0  # fault the pages in first: a first touch is not part of a read (and is slow in a VM)
 
     def work(i: int) -> None:
         for j in range(i, len(layouts), threads):
@@ -145,6 +148,8 @@ def run_read(args: argparse.Namespace) -> None:
         "pread O_DIRECT 4 pieces": lambda: read_by_pread(groups, direct=True, threads=1, shape="store"),
         "pread O_DIRECT 4 pieces x2": lambda: read_by_pread(groups, direct=True, threads=2, shape="store"),
         "pread O_DIRECT 1 record": lambda: read_by_pread(groups, direct=True, threads=1, shape="contiguous"),
+        "O_DIRECT 4 pieces huge pages": lambda: read_by_pread(groups, True, 1, shape="store", huge=True),
+        "O_DIRECT 1 record huge pages": lambda: read_by_pread(groups, True, 1, shape="contiguous", huge=True),
     }
     only = set(args.methods.split(",")) if args.methods else None
     print(f"# read: {len(chosen)} experts ({payload / GB:.3f} GB payload, {payload / len(chosen) / 1e6:.2f} MB each) "
