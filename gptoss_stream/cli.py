@@ -24,9 +24,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per prefill pass (default 64); larger is faster and uses more scratch")
     memory = p.add_mutually_exclusive_group()
     memory.add_argument("--ram-budget", type=ram_budget, default=None, metavar="SIZE",
-                        help="memory the run may use, e.g. 4G, 3.5G, 800M (default: what the machine or its "
-                             "cgroup has available); the engine plans KV cache, dense weights and an expert "
-                             "cache from it and stops with the minimum if it is too small")
+                        help="memory the run may use, e.g. 4G, 3.5G, 800M; the engine plans KV cache, dense "
+                             "weights and an expert cache from it and stops with the minimum if it is too small "
+                             "(default: map the checkpoint as it is when it fits in available memory, else "
+                             "stream experts under a budget of what the machine or its cgroup has available)")
     memory.add_argument("--mmap-only", action="store_true",
                         help="no expert cache: use the mapped checkpoint as it is and let page faults read "
                              "the experts (the baseline --ram-budget is measured against)")
@@ -62,7 +63,7 @@ def open_model(args: argparse.Namespace):
 
     checkpoint = Checkpoint.open(args.model)
     store = args.plan = None
-    if not args.mmap_only:
+    if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context)):
         from gptoss_stream.expert_cache import open_budgeted_store
 
         try:
@@ -73,6 +74,18 @@ def open_model(args: argparse.Namespace):
         if args.stats:
             print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
     return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+
+
+def fits_in_memory(checkpoint, context_length: int) -> bool:
+    """Without --ram-budget: when the whole checkpoint, its KV cache and a margin fit in what the machine (or
+    its cgroup) has available, the page cache holds everything and the plain mapping is fastest; otherwise
+    stream experts under a budget of what is available."""
+    from gptoss_stream.budget import available_memory
+
+    cfg = checkpoint.config
+    kv_bytes = 2 * cfg.num_hidden_layers * context_length * cfg.num_key_value_heads * cfg.head_dim * 2
+    margin = 1 << 30  # Python, libraries, scratch buffers
+    return checkpoint.nbytes() + kv_bytes + margin <= available_memory()
 
 
 def print_stats(args: argparse.Namespace, result) -> None:
