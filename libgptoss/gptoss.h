@@ -86,7 +86,11 @@ int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, con
  * y[m, n] = x[m, k] W^T + bias with W an MXFP4 matrix [n, k] (blocks/scales as above, k % 32 == 0).
  * W is dequantized tile by tile (tile_rows rows at a time) into scratch and each tile goes straight to
  * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory.
- * scratch must hold at least tile_rows * k bf16 values; tile_rows = 0 picks a default that fits L2.
+ * scratch must hold at least tile_rows * k bf16 values. Give it a slot per thread
+ * (gptoss_get_num_threads() x ~2 MiB) and tile_rows = 0: tiles of ~2 MiB, as many per thread, each thread
+ * dequantizing its own tile and running oneDNN single-threaded on it (the fast mode, see matmul.c). With
+ * room for one tile only, tiles run in sequence, each dequantized and multiplied by all threads. tile_rows = 0
+ * shrinks the tiles to fit the scratch (at least one row of W: GPTOSS_ERR_BAD_SIZE otherwise).
  * y: [m, n] bf16 with row stride ldy.
  */
 int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
