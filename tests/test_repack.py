@@ -148,6 +148,42 @@ def test_hf_and_original_sources_give_identical_shards(micro_checkpoint, micro_r
     assert ma == mb
 
 
+def test_page_cache_fallbacks_write_the_same_bytes(micro_checkpoint, micro_ref, tmp_path, monkeypatch):
+    """O_DIRECT refused by the filesystem (tmpfs), or refused at the first write (a device wanting a larger
+    alignment), or impossible (--align below 4096): the writer goes through the page cache instead."""
+    src = micro_checkpoint / "original"
+    calls = []
+    real_set, real_write = rp._set_direct, rp._write_fully
+
+    def spy_set(fd, on):
+        calls.append(on)
+        return real_set(fd, on)
+
+    monkeypatch.setattr(rp, "_set_direct", spy_set)
+    rp.repack(src, tmp_path / "direct", shard_size=MICRO_SHARD, progress=False)
+    assert True in calls
+    monkeypatch.setattr(rp, "_set_direct", lambda fd, on: False)
+    rp.repack(src, tmp_path / "refused", shard_size=MICRO_SHARD, progress=False)
+    monkeypatch.setattr(rp, "_set_direct", real_set)
+
+    def einval_once(fd, data):
+        if os.O_DIRECT & rp.fcntl.fcntl(fd, rp.fcntl.F_GETFL):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real_write(fd, data)
+
+    monkeypatch.setattr(rp, "_write_fully", einval_once)
+    rp.repack(src, tmp_path / "einval", shard_size=MICRO_SHARD, progress=False)
+    for d in ("direct", "refused", "einval"):
+        assert digest(tmp_path / d) == digest(micro_ref), d
+    calls.clear()
+    monkeypatch.setattr(rp, "_set_direct", spy_set)
+    rp.repack(src, tmp_path / "align512", shard_size=MICRO_SHARD, align=512, progress=False)
+    assert True not in calls  # 512-byte records cannot be written with O_DIRECT's 4096-byte blocks
+    rp.verify_repack(tmp_path / "align512", src, progress=False)
+    m = manifest(tmp_path / "align512")
+    assert all(e["offset"] % 512 == 0 and e["length"] == 2048 for row in m["experts"] for e in row)
+
+
 def test_repack_of_a_repacked_checkpoint(micro_checkpoint, micro_ref, tmp_path):
     rp.repack(micro_ref, tmp_path / "again", shard_size=1 << 30, align=65536, progress=False)
     rp.repack(micro_checkpoint / "original", tmp_path / "direct", shard_size=1 << 30, align=65536, progress=False)
