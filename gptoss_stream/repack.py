@@ -3,9 +3,9 @@
 Plan first, then stream. The layout is a pure function of the config, --shard-size and --align: records
 (embedding; per layer its dense group then its experts; final norm + unembedding) are placed greedily into
 shards, each record padded to the alignment and never split. Then every shard is written in file order:
-source bytes are read with pread into two 16 MiB staging buffers (never mapped, so RSS stays ~50 MB for any
-model size), hashed, and written; on 2 cores a worker thread hashes and writes one buffer while the main
-thread reads and hashes the next.
+source bytes are read with pread into two 16 MiB staging buffers (the source is never touched through its
+mapping, so RSS stays ~75 MB for any model size), hashed, and written (O_DIRECT when the alignment allows);
+on 2 cores a worker thread hashes and writes one buffer while the main thread reads and hashes the next.
 
 Crash safety. The manifest of the run in progress (gptoss-repack.json.partial) is written before any
 shard, and a shard is written as NAME.partial, fsynced, its hashes recorded in that manifest (atomic
@@ -27,7 +27,6 @@ import os
 import re
 import signal
 import struct
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
