@@ -50,7 +50,8 @@ def check_source(src: Path) -> int:
 
 
 def run_child(args: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of `gptoss <args>` in a child process; stderr (progress) passes through."""
+    """(wall seconds, peak RSS bytes, CPU line) of `gptoss <args>` in a child process; stderr (progress) passes
+    through. The CPU line (user + system seconds, load average after) tells a CPU-bound run from a disturbed one."""
     cmd = [sys.executable, "-m", "gptoss_stream.cli", *args]
     print("$ gptoss " + " ".join(args), flush=True)
     start = time.monotonic()
@@ -63,7 +64,9 @@ def run_child(args: list[str]) -> tuple[float, int, str]:
     print(out, end="")
     if proc.returncode != 0:
         raise SystemExit(f"gptoss {' '.join(args)} failed with status {proc.returncode}")
-    return seconds, usage.ru_maxrss * 1024, out
+    cpu = (f"CPU user {usage.ru_utime:.1f} s + system {usage.ru_stime:.1f} s "
+           f"({(usage.ru_utime + usage.ru_stime) / seconds * 100:.0f}%), load average after {os.getloadavg()[0]:.2f}")
+    return seconds, usage.ru_maxrss * 1024, cpu
 
 
 def fetch_experts(ckpt, pairs: list[tuple[int, int]]) -> tuple[float, int, int]:
@@ -116,17 +119,17 @@ def main() -> int:
     src_bytes = check_source(args.src)
 
     if not args.skip_repack:
-        seconds, rss, _ = run_child(["repack", str(args.src), str(args.dst), "--force", "--quiet",
-                                     "--shard-size", args.shard_size, "--align", str(args.align)])
+        seconds, rss, cpu = run_child(["repack", str(args.src), str(args.dst), "--force", "--quiet",
+                                       "--shard-size", args.shard_size, "--align", str(args.align)])
         dst_bytes = sum(p.stat().st_size for p in args.dst.glob("*.safetensors"))
         print(f"[repack] {format_bytes(src_bytes)} -> {format_bytes(dst_bytes)} in {seconds:.1f} s: "
-              f"{dst_bytes / seconds / 1e6:.0f} MB/s, peak RSS {format_bytes(rss)}")
+              f"{dst_bytes / seconds / 1e6:.0f} MB/s, peak RSS {format_bytes(rss)}; {cpu}")
     if args.verify:
-        seconds, rss, _ = run_child(["repack", str(args.src), str(args.dst), "--verify", "--quiet",
-                                     "--shard-size", args.shard_size, "--align", str(args.align)])
+        seconds, rss, cpu = run_child(["repack", str(args.src), str(args.dst), "--verify", "--quiet",
+                                       "--shard-size", args.shard_size, "--align", str(args.align)])
         dst_bytes = sum(p.stat().st_size for p in args.dst.glob("*.safetensors"))
         print(f"[verify] {format_bytes(dst_bytes)} re-read and compared in {seconds:.1f} s: "
-              f"{dst_bytes / seconds / 1e6:.0f} MB/s, peak RSS {format_bytes(rss)}")
+              f"{dst_bytes / seconds / 1e6:.0f} MB/s, peak RSS {format_bytes(rss)}; {cpu}")
     if args.fetch:
         with Checkpoint.open(args.src) as src, Checkpoint.open(args.dst) as dst:
             cfg = src.config
