@@ -122,36 +122,70 @@ def test_generate_stops_and_counts(tiny_model):
 # ---------------------------------------------------------------------------- against transformers
 
 
+def routed_experts(model: Model, tokens: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits of all positions and, per layer, the experts our router picked for each token."""
+    picks: dict[int, list[np.ndarray]] = {}
+    route = model.route
+
+    def recording_route(layer, t):
+        indices, weights = route(layer, t)
+        picks.setdefault(layer, []).append(np.sort(indices, axis=1))
+        return indices, weights
+
+    model.route = recording_route
+    try:
+        logits = model.forward(tokens, model.new_cache(512), all_logits=True)
+    finally:
+        del model.route
+    return logits, [np.concatenate(picks[layer]) for layer in sorted(picks)]
+
+
 def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
-    from hf_reference import hf_generate_greedy, hf_logits, load_hf_model, require_hf
+    from hf_reference import hf_generate_greedy, hf_hidden_states, load_hf_model, require_hf
 
     require_hf()
     hf = load_hf_model(hf_dir)
     for length in lengths:
         tokens = prompt(length, seed=length)
-        ours = model.forward(tokens, model.new_cache(512), all_logits=True)
-        theirs = hf_logits(hf, tokens)
-        # Per position: transformers' extra bf16 roundings occasionally flip a near-tied router choice for
-        # one token (its row then differs by more): bound the typical row and the share of such rows.
+        ours, our_picks = routed_experts(model, tokens)
+        hf_routes: list = []
+        _, theirs = hf_hidden_states(hf, tokens, routes=hf_routes)
+        # transformers rounds at more points, so where two experts' router logits nearly tie it sometimes
+        # picks the other one (a few tokens in 300). Those positions' logits legitimately differ more; every
+        # other position must stay within the bound.
+        routing_differs = np.zeros(length, dtype=bool)
+        for layer, (indices, _, _) in enumerate(hf_routes):
+            routing_differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
         rows = np.abs(ours - theirs).max(axis=-1) / np.std(theirs)
         print(f"vs transformers, T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, "
-              f"max {rows.max():.4f}, share > {HF_BOUND}: {np.mean(rows > HF_BOUND):.3f}")
+              f"max {rows.max():.4f}; routing differs at {routing_differs.sum()} positions, "
+              f"max where it agrees {rows[~routing_differs].max():.4f}")
         assert np.median(rows) < HF_BOUND / 2
-        assert np.mean(rows > HF_BOUND) <= 0.02
-        assert_greedy_agrees(ours, theirs, HF_BOUND)
+        assert rows[~routing_differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~routing_differs)
+        assert routing_differs.mean() <= 0.1
+        assert_greedy_agrees(ours[~routing_differs], theirs[~routing_differs], HF_BOUND)
     # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
-    from hf_reference import hf_hidden_states
-
     import compare_reference
 
     streams, logits = hf_hidden_states(hf, prompt(17))
     rows = compare_reference.compare_layers(model, streams, logits, compare_reference.DEFAULT_MAX_ULPS["hf"])
     assert all(r["ok"] for r in rows), rows
-    # Greedy decoding through both KV caches: identical tokens.
+    # Greedy decoding through both KV caches, teacher-forced along transformers' tokens: our choice is the
+    # same at every step, except where transformers' own top two are a near-tie at bf16 precision (random
+    # synthetic weights make those common at full width).
     tokens = prompt(17, seed=5)
-    theirs, _ = hf_generate_greedy(hf, tokens, greedy_steps)
-    ours = generate(model, tokens, greedy_steps, Sampler(SamplingParams(temperature=0))).tokens
-    assert ours == theirs
+    theirs, their_logits = hf_generate_greedy(hf, tokens, greedy_steps)
+    cache = model.new_cache(512)
+    logits = model.forward(tokens, cache)
+    ours = []
+    for step, token in enumerate(theirs):
+        ours.append(int(np.argmax(logits)))
+        if ours[-1] != token:
+            margin = their_logits[step][token] - their_logits[step][ours[-1]]
+            assert margin < 2 * HF_BOUND * np.std(their_logits[step]), f"step {step}: {ours[-1]} != {token}"
+        logits = model.forward([token], cache)
+    print(f"greedy: {sum(a == b for a, b in zip(ours, theirs))}/{greedy_steps} steps identical")
+    assert sum(a == b for a, b in zip(ours, theirs)) >= 0.9 * greedy_steps
 
 
 def test_tiny_matches_transformers(tiny_model, tiny_hf):
