@@ -64,8 +64,10 @@ def run_child(args: list[str]) -> tuple[float, int, str]:
     print(out, end="")
     if proc.returncode != 0:
         raise SystemExit(f"gptoss {' '.join(args)} failed with status {proc.returncode}")
+    # ru_inblock: 512-byte blocks read from storage (a source already in the page cache reads ~0).
     cpu = (f"CPU user {usage.ru_utime:.1f} s + system {usage.ru_stime:.1f} s "
-           f"({(usage.ru_utime + usage.ru_stime) / seconds * 100:.0f}%), load average after {os.getloadavg()[0]:.2f}")
+           f"({(usage.ru_utime + usage.ru_stime) / seconds * 100:.0f}%), {format_bytes(usage.ru_inblock * 512)} "
+           f"read from disk, load average after {os.getloadavg()[0]:.2f}")
     return seconds, usage.ru_maxrss * 1024, cpu
 
 
