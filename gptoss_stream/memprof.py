@@ -243,13 +243,10 @@ class MemoryCgroup:
 
 def drop_page_cache(paths: list[str]) -> None:
     """Evict everything clean from the page cache: the checkpoint first (posix_fadvise), then all (root)."""
+    from gptoss_stream.residency import evict_files
+
     _require_root("--cold")
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    evict_files(paths)
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:

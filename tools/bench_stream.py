@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gptoss_stream.checkpoint import Checkpoint, TensorRange  # noqa: E402
 from gptoss_stream.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
+from gptoss_stream.residency import evict_files  # noqa: E402
 
 MADV_POPULATE_READ = 22  # linux/mman.h (5.14+); Python 3.11's mmap module does not name it
 GB = 1e9
@@ -52,15 +53,6 @@ def disk_read_bytes() -> int:
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     return 0
-
-
-def evict(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------- read
@@ -162,7 +154,7 @@ def run_read(args: argparse.Namespace) -> None:
             continue
         best = None
         for _ in range(args.repeats):
-            evict(ck.files())
+            evict_files(ck.files())
             before = disk_read_bytes()
             t0 = time.perf_counter()
             fn()
@@ -173,7 +165,7 @@ def run_read(args: argparse.Namespace) -> None:
         dt, disk = best
         results[name] = {"seconds": dt, "payload_gbps": payload / dt / GB, "disk_bytes": disk}
         print(f"{name:28s} {dt:8.3f} {payload / dt / GB:13.2f} {disk / GB:8.3f} {disk / payload:12.2f}", flush=True)
-    evict(ck.files())
+    evict_files(ck.files())
     if args.json:
         Path(args.json).write_text(json.dumps({"payload": payload, "load": load_average(), "results": results}, indent=1))
 

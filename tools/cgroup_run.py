@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptoss_stream.budget import format_size, parse_size  # noqa: E402
+from gptoss_stream.residency import evict_files  # noqa: E402
 
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
 
@@ -62,16 +63,6 @@ def _oom_kills(group: Path) -> int:
     except OSError:
         pass
     return 0
-
-
-def evict_files(paths: list[str]) -> None:
-    """Drop just these files from the page cache (pages mapped by a running process stay)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_in_memory_cgroup(cmd: list[str], limit: int, cold: bool = True, env: dict | None = None,
