@@ -251,7 +251,75 @@ def _hf_shard_names(d: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- the checkpoint
 
-class Checkpoint:
+class NamedWeights:
+    """The checkpoint API every layout shares, built on `tensor(name)` with original-format names.
+
+    A layout class provides `config`, `tensor(key)`, `expert_ranges(layer, e)`, `close()`; it may override
+    `_fused_qkv(prefix)` when q, k, v are not one tensor.
+    """
+
+    config: ModelConfig
+
+    def tensor(self, key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def expert_ranges(self, layer: int, e: int) -> list[TensorRange]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _fused_qkv(self, prefix: str) -> bool:
+        return True
+
+    def embedding(self) -> np.ndarray:
+        return self.tensor("embedding.weight")  # [V, H]
+
+    def final_norm(self) -> np.ndarray:
+        return self.tensor("norm.scale")  # [H]
+
+    def unembedding(self) -> np.ndarray:
+        return self.tensor("unembedding.weight")  # [V, H]
+
+    def _check_layer(self, layer: int) -> str:
+        if not 0 <= layer < self.config.num_hidden_layers:
+            raise ValueError(f"layer {layer} out of range (model has {self.config.num_hidden_layers})")
+        return f"block.{layer}."
+
+    def _check_expert(self, layer: int, e: int) -> str:
+        prefix = self._check_layer(layer)
+        if not 0 <= e < self.config.num_experts:
+            raise ValueError(f"expert {e} out of range (model has {self.config.num_experts})")
+        return prefix
+
+    def layer(self, n: int) -> LayerWeights:
+        p = self._check_layer(n)
+        t = self.tensor
+        fused = self._fused_qkv(p)
+        return LayerWeights(
+            attn_norm=t(p + "attn.norm.scale"),
+            q_weight=t(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
+            k_weight=t(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
+            v_weight=t(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
+            sinks=t(p + "attn.sinks"),
+            out_weight=t(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
+            mlp_norm=t(p + "mlp.norm.scale"),
+            gate_weight=t(p + "mlp.gate.weight"), gate_bias=t(p + "mlp.gate.bias"),
+            qkv_weight=t(p + "attn.qkv.weight") if fused else None,
+            qkv_bias=t(p + "attn.qkv.bias") if fused else None,
+        )
+
+    def expert_nbytes(self, layer: int, e: int) -> int:
+        return sum(r.nbytes for r in self.expert_ranges(layer, e))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Checkpoint(NamedWeights):
     """Zero-copy access to a gpt-oss checkpoint in the original or Hugging Face layout."""
 
     def __init__(self, path: Path, format: str, config: ModelConfig, files: dict[str, SafetensorsFile],
@@ -380,41 +448,12 @@ class Checkpoint:
         """Raw pointer to the first byte of a range inside the mapping (for the C library)."""
         return self._files[r.path].address(r.offset)
 
-    def embedding(self) -> np.ndarray:
-        return self.tensor("embedding.weight")  # [V, H]
-
-    def final_norm(self) -> np.ndarray:
-        return self.tensor("norm.scale")  # [H]
-
-    def unembedding(self) -> np.ndarray:
-        return self.tensor("unembedding.weight")  # [V, H]
-
-    def _check_layer(self, layer: int) -> str:
-        if not 0 <= layer < self.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} out of range (model has {self.config.num_hidden_layers})")
-        return f"block.{layer}."
-
-    def layer(self, n: int) -> LayerWeights:
-        p = self._check_layer(n)
-        t = self.tensor
-        fused = f"{p}attn.qkv.weight" in self._slots and f"{p}attn.qkv.bias" in self._slots
-        return LayerWeights(
-            attn_norm=t(p + "attn.norm.scale"),
-            q_weight=t(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
-            k_weight=t(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
-            v_weight=t(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
-            sinks=t(p + "attn.sinks"),
-            out_weight=t(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
-            mlp_norm=t(p + "mlp.norm.scale"),
-            gate_weight=t(p + "mlp.gate.weight"), gate_bias=t(p + "mlp.gate.bias"),
-            qkv_weight=t(p + "attn.qkv.weight") if fused else None,
-            qkv_bias=t(p + "attn.qkv.bias") if fused else None,
-        )
+    def _fused_qkv(self, prefix: str) -> bool:
+        # Built (zero-copy) only when q, k, v are adjacent: always in the original layout, not in HF's.
+        return f"{prefix}attn.qkv.weight" in self._slots and f"{prefix}attn.qkv.bias" in self._slots
 
     def expert_ranges(self, layer: int, e: int) -> list[TensorRange]:
-        p = self._check_layer(layer)
-        if not 0 <= e < self.config.num_experts:
-            raise ValueError(f"expert {e} out of range (model has {self.config.num_experts})")
+        p = self._check_expert(layer, e)
         out = []
         for piece in EXPERT_PIECES:
             s = self._slots[p + piece]
@@ -430,9 +469,6 @@ class Checkpoint:
             views.append(s.file.view_bytes(r.offset, r.nbytes, s.dtype, s.shape[1:]))
         return ExpertWeights(*views, ranges=ranges)
 
-    def expert_nbytes(self, layer: int, e: int) -> int:
-        return sum(r.nbytes for r in self.expert_ranges(layer, e))
-
     def files(self) -> list[str]:
         return list(self._files)
 
@@ -444,12 +480,6 @@ class Checkpoint:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-
-    def __enter__(self) -> "Checkpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self._files)} file(s))"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, ExpertWeights, LayerWeights, TensorRange, original_tensors
+from gptoss_stream.checkpoint import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.safetensors_file import SafetensorsFile, TensorInfo, tensor_nbytes
 
@@ -182,7 +182,7 @@ class _Where:
         return self.file.view_bytes(self.info.offset, self.info.nbytes, self.info.dtype, self.info.shape)
 
 
-class RepackedCheckpoint:
+class RepackedCheckpoint(NamedWeights):
     """Zero-copy access to a checkpoint written by `gptoss repack`."""
 
     format = FORMAT
@@ -316,39 +316,8 @@ class RepackedCheckpoint:
         """Raw pointer to the first byte of a range inside the mapping (for the C library)."""
         return self._by_path[r.path].address(r.offset)
 
-    def embedding(self) -> np.ndarray:
-        return self.tensor("embedding.weight")  # [V, H]
-
-    def final_norm(self) -> np.ndarray:
-        return self.tensor("norm.scale")  # [H]
-
-    def unembedding(self) -> np.ndarray:
-        return self.tensor("unembedding.weight")  # [V, H]
-
-    def _check_layer(self, layer: int) -> str:
-        if not 0 <= layer < self.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} out of range (model has {self.config.num_hidden_layers})")
-        return f"block.{layer}."
-
-    def layer(self, n: int) -> LayerWeights:
-        p = self._check_layer(n)
-        t = self.tensor
-        return LayerWeights(
-            attn_norm=t(p + "attn.norm.scale"),
-            q_weight=t(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
-            k_weight=t(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
-            v_weight=t(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
-            sinks=t(p + "attn.sinks"),
-            out_weight=t(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
-            mlp_norm=t(p + "mlp.norm.scale"),
-            gate_weight=t(p + "mlp.gate.weight"), gate_bias=t(p + "mlp.gate.bias"),
-            qkv_weight=t(p + "attn.qkv.weight"), qkv_bias=t(p + "attn.qkv.bias"),
-        )
-
     def _record(self, layer: int, e: int) -> tuple[SafetensorsFile, int, int]:
-        self._check_layer(layer)
-        if not 0 <= e < self.config.num_experts:
-            raise ValueError(f"expert {e} out of range (model has {self.config.num_experts})")
+        self._check_expert(layer, e)
         shard, offset, length = self._experts[layer][e]
         return self._files[shard], offset, length
 
@@ -390,12 +359,6 @@ class RepackedCheckpoint:
     def close(self) -> None:
         for f in self._files:
             f.close()
-
-    def __enter__(self) -> "RepackedCheckpoint":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RepackedCheckpoint({str(self.path)!r}, {len(self._files)} shard(s))"
