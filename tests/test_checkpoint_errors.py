@@ -4,7 +4,6 @@ Each case copies the micro checkpoint (a few hundred KB) and damages one thing.
 """
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
