@@ -114,9 +114,9 @@ def bench_dequant(rng, threads: int, args) -> list[Result]:
         fn(pb, ps, n_rows, bpr, r, r + tile, po)
 
     sec = measure(tile_call, 200, args.repeats, args.min_seconds)
-    results.append(Result(f"dequant tile 512 KiB out (per core)", threads, [s * threads for s in sec],
+    results.append(Result("dequant tile 512 KiB out (per core)", threads, [s * threads for s in sec],
                           "GB/s bf16 out", out.nbytes))
-    results.append(Result(f"dequant tile 512 KiB out (total)", threads, sec, "GB/s bf16 out", out.nbytes))
+    results.append(Result("dequant tile 512 KiB out (total)", threads, sec, "GB/s bf16 out", out.nbytes))
     rows = 23_040  # 128 MiB of bf16
     big = np.empty((rows, k), dtype=np.uint16)
     big.fill(0)  # fault the pages in before timing
