@@ -116,6 +116,23 @@ def dequantize_mxfp4_rows(
 # ---------------------------------------------------------------- matmul
 
 
+def _linear_bias_and_out(
+    bias: np.ndarray | None, out: np.ndarray | None, m: int, n: int, out_dtype,
+) -> tuple[np.ndarray, int]:
+    """Check a linear layer's optional bias [n] and output [m, n] (rows may be strided; allocated when None);
+    returns the output and its row stride."""
+    if bias is not None:
+        _check("bias", bias, BF16, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: expected length {n}, got {bias.shape[0]}")
+    if out is None:
+        out = np.empty((m, n), dtype=out_dtype)
+    ldy = _check_rows("out", out, out.dtype)
+    if out.shape != (m, n):
+        raise ValueError(f"out: expected shape {(m, n)}, got {out.shape}")
+    return out, ldy
+
+
 def matmul(
     x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None,
     out_dtype=BF16,
@@ -127,15 +144,7 @@ def matmul(
     n = w.shape[0]
     if w.shape[1] != k:
         raise ValueError(f"w: expected [n, {k}] to match x {x.shape}, got {w.shape}")
-    if bias is not None:
-        _check("bias", bias, BF16, ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias: expected length {n}, got {bias.shape[0]}")
-    if out is None:
-        out = np.empty((m, n), dtype=out_dtype)
-    ldy = _check_rows("out", out, out.dtype)
-    if out.shape != (m, n):
-        raise ValueError(f"out: expected shape {(m, n)}, got {out.shape}")
+    out, ldy = _linear_bias_and_out(bias, out, m, n, out_dtype)
     y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
     if y_dtype is None:
         raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
@@ -156,15 +165,9 @@ def matmul_mxfp4(
     n = blocks.shape[0]
     if blocks.shape[1:] != (k // 32, 16) or k % 32 or scales.shape != (n, k // 32):
         raise ValueError(f"MXFP4 weight blocks {blocks.shape} / scales {scales.shape} do not match k={k}")
-    if bias is not None:
-        _check("bias", bias, BF16, ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias: expected length {n}, got {bias.shape[0]}")
-    if out is None:
-        out = np.empty((m, n), dtype=BF16)
-    ldy = _check_rows("out", out, BF16)
-    if out.shape != (m, n):
-        raise ValueError(f"out: expected shape {(m, n)}, got {out.shape}")
+    out, ldy = _linear_bias_and_out(bias, out, m, n, BF16)
+    if out.dtype != np.dtype(BF16):
+        raise ValueError(f"out: expected dtype {np.dtype(BF16)}, got {out.dtype}")
     _lib.call("gptoss_matmul_mxfp4", _ptr(x), m, k, _ptr(blocks), _ptr(scales), n, _ptr(bias), _ptr(out), ldy,
               _ptr(scratch), scratch.size, tile_rows)
     return out
