@@ -56,6 +56,16 @@ def parse_size(text: str) -> int:
     return n
 
 
+def size_argument(text: str) -> int:
+    """parse_size for argparse `type=`: its message reaches the user instead of argparse's generic one."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def format_size(n: int) -> str:
     for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
         if abs(n) >= scale:

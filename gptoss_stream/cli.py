@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from gptoss_stream.budget import size_argument
+
 
 # ---------------------------------------------------------------------------- shared options
 
@@ -23,7 +25,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="prompt tokens per prefill pass (default 64); larger is faster and uses more scratch")
     memory = p.add_mutually_exclusive_group()
-    memory.add_argument("--ram-budget", type=ram_budget, default=None, metavar="SIZE",
+    memory.add_argument("--ram-budget", type=size_argument, default=None, metavar="SIZE",
                         help="memory the run may use, e.g. 4G, 3.5G, 800M; the engine plans KV cache, dense "
                              "weights and an expert cache from it and stops with the minimum if it is too small "
                              "(default: map the checkpoint as it is when it fits in available memory, else "
@@ -34,15 +36,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true",
                    help="print the memory plan and, per phase, disk bytes read per token, expert cache hit "
                         "rate, prefetch accuracy and I/O stall time (stderr)")
-
-
-def ram_budget(text: str) -> int:
-    from gptoss_stream.budget import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

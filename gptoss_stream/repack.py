@@ -24,7 +24,6 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import signal
 import struct
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from gptoss_stream.budget import size_argument
 from gptoss_stream.checkpoint import Checkpoint, TensorRange
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.progress import ProgressBar, format_bytes
@@ -749,15 +749,6 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
 
 # ---------------------------------------------------------------------------- command line
 
-def parse_size(text: str) -> int:
-    """'2G', '2GiB' -> 2147483648; '500MB' -> 500000000; '1000' -> 1000 (a bare K/M/G/T is binary, as in dd)."""
-    from gptoss_stream.synthetic import parse_size as parse_units
-
-    if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*[KMGTkmgt]\s*", text):
-        text = text.strip() + "iB"
-    return parse_units(text)
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "repack",
@@ -774,7 +765,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (original/ or Hugging Face folder)")
     p.add_argument("dst", metavar="DST", help="output folder (created; must not exist unless --force or resuming)")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, metavar="SIZE",
+    p.add_argument("--shard-size", type=size_argument, default=DEFAULT_SHARD_SIZE, metavar="SIZE",
                    help="largest shard file, e.g. 2G (default), 500MB, 4GiB; a record is never split")
     p.add_argument("--align", type=int, default=DEFAULT_ALIGN, metavar="BYTES",
                    help=f"alignment of every record's offset and length (power of two; default {DEFAULT_ALIGN})")

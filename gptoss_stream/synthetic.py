@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -52,6 +51,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from gptoss_stream.budget import size_argument
 from gptoss_stream.checkpoint import HF_INDEX, HFTensor, hf_tensors, original_tensors
 from gptoss_stream.config import PRESETS, ModelConfig
 from gptoss_stream.progress import ProgressBar, format_bytes
@@ -369,21 +369,6 @@ def make_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, format: str = 
 
 # ---------------------------------------------------------------------------- command line
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'4.8GB' -> 4800000000, '64MiB' -> 67108864, '1000' -> 1000."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4.8GB, 500MB, 64MiB, 1000)")
-    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return n
-
-
 _OVERRIDES = (
     # (flag, ModelConfig field, help)
     ("--layers", "num_hidden_layers", "number of transformer blocks (even = sliding window, odd = full)"),
@@ -424,7 +409,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group = p.add_argument_group("overrides", "change the preset's sizes (everything else stays)")
     for flag, field, text in _OVERRIDES:
         group.add_argument(flag, dest=field, type=int, default=None, metavar="N", help=text)
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+    p.add_argument("--max-shard-size", type=size_argument, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                    help="largest HF shard, e.g. 4.8GB (default, as the published repos), 500MB, 64MiB")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in OUT_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

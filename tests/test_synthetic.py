@@ -13,7 +13,7 @@ from gptoss_stream.cli import main
 from gptoss_stream.config import ORIGINAL_KEYS, ModelConfig
 from gptoss_stream.progress import ProgressBar, format_bytes, format_duration
 from gptoss_stream.synthetic import (
-    GEN_UNIT_BYTES, bf16_to_f32, generate_tensor, iter_tensor, make_checkpoint, parse_size, plan_hf_shards,
+    GEN_UNIT_BYTES, bf16_to_f32, generate_tensor, iter_tensor, make_checkpoint, plan_hf_shards,
     tensor_rows,
 )
 
@@ -291,6 +291,8 @@ def test_cli_progress_on_stderr(tmp_path, capsys):
 
 
 def test_parse_size():
+    from gptoss_stream.budget import parse_size  # --max-shard-size uses the one size syntax
+
     assert parse_size("4.8GB") == 4_800_000_000
     assert parse_size("64MiB") == 64 << 20
     assert parse_size("1000") == 1000

@@ -34,9 +34,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gptoss_stream.budget import size_argument  # noqa: E402
 from gptoss_stream.checkpoint import Checkpoint, TensorRange  # noqa: E402
 from gptoss_stream.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
 from gptoss_stream.residency import evict_files  # noqa: E402
+from gptoss_stream.runstats import process_read_bytes  # noqa: E402
 
 MADV_POPULATE_READ = 22  # linux/mman.h (5.14+); Python 3.11's mmap module does not name it
 GB = 1e9
@@ -44,15 +46,6 @@ GB = 1e9
 
 def load_average() -> float:
     return os.getloadavg()[0]
-
-
-def disk_read_bytes() -> int:
-    """Bytes this process caused to be fetched from storage (includes readahead)."""
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
 
 
 # ---------------------------------------------------------------------------- read
@@ -155,11 +148,11 @@ def run_read(args: argparse.Namespace) -> None:
         best = None
         for _ in range(args.repeats):
             evict_files(ck.files())
-            before = disk_read_bytes()
+            before = process_read_bytes()
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
-            disk = disk_read_bytes() - before
+            disk = process_read_bytes() - before
             if best is None or dt < best[0]:
                 best = (dt, disk)
         dt, disk = best
@@ -493,15 +486,6 @@ def run_runs(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def parse_size_arg(text: str) -> int:
-    from gptoss_stream.budget import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -549,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("child", help="(used by run) generate with a store variant and print --stats")
     p.add_argument("-m", "--model", required=True)
-    p.add_argument("--budget", type=parse_size_arg, required=True)
+    p.add_argument("--budget", type=size_argument, required=True)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="default")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--context", type=int, default=4096)
