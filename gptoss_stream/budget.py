@@ -66,11 +66,11 @@ def size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def format_size(n: int) -> str:
+def format_size(n: float) -> str:
     for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    return f"{int(n)} B"
 
 
 def _read_int(path: Path) -> int | None:

@@ -81,12 +81,9 @@ MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install 'gptoss-stream[plot]'
 
 
 def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    from gptoss_stream.budget import format_size
+
+    return "-" if n is None else format_size(n)
 
 
 # ---------------------------------------------------------------------------- reading the process
