@@ -48,6 +48,9 @@ class MappedExpertStore:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.stats = ExpertStats()
+        # Views are built once per expert: building six of them per request cost ~56 µs a layer, on the
+        # decode path. They are numpy headers over the mapping, no weight bytes.
+        self._views: dict[tuple[int, int], ExpertWeights] = {}
 
     def request(self, layer: int, experts: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
         experts = [int(e) for e in experts]
@@ -57,7 +60,9 @@ class MappedExpertStore:
         pass
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
-        weights = self.checkpoint.expert(layer, expert)
+        weights = self._views.get((layer, expert))
+        if weights is None:
+            weights = self._views[layer, expert] = self.checkpoint.expert(layer, expert)
         self.stats.requests += 1
         self.stats.bytes_requested += sum(r.nbytes for r in weights.ranges)
         return weights
