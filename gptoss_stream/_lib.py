@@ -25,10 +25,16 @@ ISA_NAMES = {ISA_SCALAR: "scalar", ISA_AVX2: "avx2", ISA_AVX512: "avx512"}
 class KernelError(RuntimeError):
     """A libgptoss function returned an error status."""
 
-    def __init__(self, function: str, status: int, message: str):
-        super().__init__(f"{function} failed: {message} (status {status})")
+    def __init__(self, function: str, status: int, message: str, context: str = ""):
+        path = ISA_NAMES.get(lib.gptoss_get_isa(), "unknown")
+        where = f" ({context})" if context else ""
+        super().__init__(
+            f"{function} failed on the {path} compute path{where}: {message} (status {status}). "
+            "Please report it with the output of `gptoss info`; GPTOSS_ISA=avx2 or GPTOSS_ISA=scalar runs "
+            "the more portable paths meanwhile.")
         self.function = function
         self.status = status
+        self.context = context
 
 
 def _preload_onednn() -> None:
@@ -90,6 +96,8 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_detect_isa": ([], _i),
     "gptoss_get_isa": ([], _i),
     "gptoss_set_isa": ([_i], _i),
+    "gptoss_cpu_isa": ([], _i),
+    "gptoss_onednn_info": ([_p, _p, _p, _p], _i),
     "gptoss_bf16_to_f32": ([_p, _p, _sz], _i),
     "gptoss_f32_to_bf16": ([_p, _p, _sz], _i),
     "gptoss_dequantize_mxfp4_rows": ([_p, _p, _sz, _sz, _sz, _sz, _p], _i),
@@ -121,11 +129,12 @@ def status_string(status: int) -> str:
     return lib.gptoss_status_string(status).decode()
 
 
-def call(name: str, *args) -> None:
-    """Call a status-returning libgptoss function; raise KernelError naming it if it fails."""
+def call(name: str, *args, context: str = "") -> None:
+    """Call a status-returning libgptoss function; raise KernelError naming it (and `context`, e.g. the
+    shapes) if it fails."""
     status = getattr(lib, name)(*args)
     if status != GPTOSS_OK:
-        raise KernelError(name, status, status_string(status))
+        raise KernelError(name, status, status_string(status), context)
 
 
 def call_value(name: str, *args):

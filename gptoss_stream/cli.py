@@ -83,8 +83,12 @@ def fits_in_memory(checkpoint, context_length: int) -> bool:
 
 def print_stats(args: argparse.Namespace, result) -> None:
     if args.stats:
+        from gptoss_stream import compute_path, kernels
         from gptoss_stream.runstats import report
 
+        path = compute_path.selected()
+        print(f"[stats] compute path: {path} ({compute_path.DESCRIPTIONS[path]}), "
+              f"{kernels.get_num_threads()} threads, oneDNN {compute_path.onednn_info().isa}", file=sys.stderr)
         print(report(result, args.plan), file=sys.stderr)
 
 
@@ -259,7 +263,7 @@ def add_chat_parser(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Each command module registers its own sub-parser and sets `func`; heavy imports stay inside the
     # commands so `gptoss --help` is instant.
-    from gptoss_stream import memprof, repack, synthetic
+    from gptoss_stream import memprof, repack, synthetic, sysinfo
 
     parser = argparse.ArgumentParser(
         prog="gptoss",
@@ -271,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_parser(subparsers)
     repack.add_parser(subparsers)
     memprof.add_parser(subparsers)
+    sysinfo.add_parser(subparsers)
     return parser
 
 

@@ -11,7 +11,7 @@ import mmap
 
 import numpy as np
 
-from gptoss_stream import _lib
+from gptoss_stream import _lib, compute_path
 
 BF16 = np.uint16
 
@@ -60,18 +60,23 @@ def get_num_threads() -> int:
 
 
 def detect_isa() -> str:
-    return _lib.ISA_NAMES[_lib.call_value("gptoss_detect_isa")]
+    """The best compute path this process can run: 'avx512', 'avx2' or 'scalar' (see compute_path)."""
+    return compute_path.detected()
 
 
 def get_isa() -> str:
-    return _lib.ISA_NAMES[_lib.call_value("gptoss_get_isa")]
+    return compute_path.selected()
 
 
 def set_isa(name: str) -> None:
-    codes = {v: k for k, v in _lib.ISA_NAMES.items()}
-    if name not in codes:
-        raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(codes)}")
-    _lib.call("gptoss_set_isa", codes[name])
+    """Force a compute path at or below the detected one; ValueError names what is missing otherwise."""
+    try:
+        compute_path.select(name)
+    except compute_path.UnsupportedComputePath as e:
+        raise ValueError(str(e)) from None
+
+
+compute_path.select_from_environment()
 
 
 # ---------------------------------------------------------------- convert
@@ -148,7 +153,9 @@ def matmul(
     y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
     if y_dtype is None:
         raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
-    _lib.call("gptoss_matmul_bf16", _ptr(x), m, k, ldx, _ptr(w), n, _ptr(bias), _ptr(out), ldy, y_dtype)
+    _lib.call("gptoss_matmul_bf16", _ptr(x), m, k, ldx, _ptr(w), n, _ptr(bias), _ptr(out), ldy, y_dtype,
+              context=f"x [{m}, {k}] bf16, W [{n}, {k}] bf16, bias {'yes' if bias is not None else 'no'}, "
+                      f"out [{m}, {n}] {out.dtype}")
     return out
 
 
@@ -169,7 +176,8 @@ def matmul_mxfp4(
     if out.dtype != np.dtype(BF16):
         raise ValueError(f"out: expected dtype {np.dtype(BF16)}, got {out.dtype}")
     _lib.call("gptoss_matmul_mxfp4", _ptr(x), m, k, _ptr(blocks), _ptr(scales), n, _ptr(bias), _ptr(out), ldy,
-              _ptr(scratch), scratch.size, tile_rows)
+              _ptr(scratch), scratch.size, tile_rows,
+              context=f"x [{m}, {k}] bf16, W [{n}, {k}] MXFP4, scratch {scratch.size} bf16, tile_rows {tile_rows}")
     return out
 
 

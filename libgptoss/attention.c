@@ -389,7 +389,7 @@ GPTOSS_API int gptoss_attention(const gptoss_bf16 *q, size_t m, size_t ldq, size
     int status = GPTOSS_OK;
     /* Round-robin tasks (static, 1): with causal prefill, later tokens see more keys, and consecutive tasks
      * are the kv heads of one token, so every thread gets a fair share of both. */
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(gptoss_get_num_threads()) if (parallel)
     {
         float *scratch = malloc(floats * sizeof(float));
         if (!scratch) {

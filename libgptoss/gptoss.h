@@ -12,8 +12,8 @@
  *    and y = x W^T + b.
  *  - "m" is the number of tokens (rows of activations).
  *
- * Global state: the thread count and the selected ISA (runtime.c) and the cache of oneDNN primitives
- * (matmul.c, keyed by shape). Nothing else.
+ * Global state: the thread count and the selected compute path (runtime.c), the cache of oneDNN
+ * primitives and the per-thread fp32 tile buffers (matmul.c). Nothing else.
  */
 #ifndef GPTOSS_H
 #define GPTOSS_H
@@ -45,13 +45,25 @@ const char *gptoss_status_string(int status);
 
 /* ---------------------------------------------------------------- runtime.c */
 
-/* Threads used by every kernel and by oneDNN (OpenMP). n <= 0 means all cores. */
+/* Threads used by every kernel and by oneDNN (OpenMP). n <= 0 means all processors. The count is the
+ * library's, not the calling thread's: a kernel called from any thread runs with it. */
 int gptoss_set_num_threads(int n);
 int gptoss_get_num_threads(void);
-/* Best ISA this CPU supports; the selected one (default: the best); force a lower one (tests, benchmarks). */
+/*
+ * Compute path (see runtime.c): GPTOSS_ISA_AVX512 multiplies bf16 natively (AVX512_BF16), GPTOSS_ISA_AVX2 and
+ * GPTOSS_ISA_SCALAR multiply in fp32 (weights widened in registers or in cache-sized tiles). Results agree
+ * within fp32 summation order, then bf16 rounding.
+ * gptoss_detect_isa: the best path that can run, the lower of CPUID and what oneDNN dispatches
+ * (ONEDNN_MAX_CPU_ISA lowers the latter). gptoss_cpu_isa: what CPUID alone allows. gptoss_get_isa: the
+ * selected path (default: detected). gptoss_set_isa: select a path at or below the detected one
+ * (GPTOSS_ERR_UNSUPPORTED above it).
+ */
 int gptoss_detect_isa(void);
+int gptoss_cpu_isa(void);
 int gptoss_get_isa(void);
 int gptoss_set_isa(int isa);
+/* oneDNN's version and the CPU ISA it dispatches to (a dnnl_cpu_isa_t value), for bug reports. */
+int gptoss_onednn_info(int *major, int *minor, int *patch, int *cpu_isa);
 
 /* ---------------------------------------------------------------- convert.c */
 
@@ -74,7 +86,10 @@ int gptoss_dequantize_mxfp4_rows(const uint8_t *blocks, const uint8_t *scales, s
 /* ---------------------------------------------------------------- matmul.c */
 
 /*
- * y[m, n] = x[m, k] W[n, k]^T (+ bias[n]) through oneDNN, bf16 inputs, fp32 accumulation.
+ * y[m, n] = x[m, k] W[n, k]^T (+ bias[n]), bf16 inputs, fp32 accumulation.
+ * On the AVX-512 BF16 path, oneDNN's bf16 matmul. On the fp32 paths, for m <= 4 our own kernel that reads W
+ * once and widens it in registers; for larger m, W is widened tile by tile into fp32 and multiplied by
+ * oneDNN's fp32 GEMM (matmul.c keeps the fp32 tiles in a documented per-thread cache).
  *   x: row stride ldx (>= k) elements; w: [n, k] contiguous, used in place (no copy, no reorder);
  *   bias: [n] bf16 or NULL; y: row stride ldy (>= n) elements of y_dtype (GPTOSS_DTYPE_BF16 or _F32).
  * Primitives are created once per (m, n, k, ldx, ldy, bias, y_dtype) and cached.
@@ -85,7 +100,8 @@ int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, con
 /*
  * y[m, n] = x[m, k] W^T + bias with W an MXFP4 matrix [n, k] (blocks/scales as above, k % 32 == 0).
  * W is dequantized tile by tile (tile_rows rows at a time) into scratch and each tile goes straight to
- * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory.
+ * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory. On the fp32 paths
+ * the tile is then widened to fp32 (and m <= 4 takes the register kernel of gemv.c, scratch unused).
  * scratch must hold at least tile_rows * k bf16 values. Give it a slot per thread
  * (gptoss_get_num_threads() x ~2 MiB) and tile_rows = 0: tiles of ~2 MiB, as many per thread, each thread
  * dequantizing its own tile and running oneDNN single-threaded on it (the fast mode, see matmul.c). With

@@ -1,5 +1,12 @@
 /*
- * Matmuls through oneDNN: y = x W^T (+ b), bf16 inputs, fp32 accumulation, bf16 or fp32 output.
+ * Matmuls: y = x W^T (+ b), bf16 inputs, fp32 accumulation, bf16 or fp32 output.
+ *
+ * Two compute paths (runtime.c chooses):
+ *  - bf16 (AVX512_BF16): oneDNN's bf16 matmul, weights used in place.
+ *  - fp32 (AVX2, scalar; oneDNN 3.2 cannot multiply bf16 there): m <= GEMV_MAX_ROWS goes to gemv.c, which
+ *    reads every weight once and widens it in registers; larger m widens x once and W one L2-sized tile at a
+ *    time to fp32 and runs oneDNN's fp32 GEMM on each tile, then adds the bias and rounds. Weights stay bf16
+ *    or MXFP4 in memory: only a tile per thread ever exists in fp32.
  *
  * W stays where the checkpoint put it, [n, k] row-major: to oneDNN that is a [k, n] weights tensor with
  * strides {1, k} (format "ba"), so no reorder and no copy of the weights is ever made by us. x and y may be
@@ -13,7 +20,8 @@
  *    planned for: oneDNN splits work for the thread count it sees at creation, so a primitive must not
  *    outlive a gptoss_set_num_threads() change;
  *  - per-lane execution state (a stream and a scratchpad buffer per concurrently running tile; lane 0 serves
- *    plain calls). Primitives are created in "user scratchpad" mode so that two threads can execute the same
+ *    plain calls; on the fp32 path also the lane's fp32 weight tile and product tile) and the fp32 copy of
+ *    the current call's x; all grow to the largest size asked for and live until gptoss_matmul_cache_clear(). Primitives are created in "user scratchpad" mode so that two threads can execute the same
  *    primitive at once with their own scratchpads (oneDNN's library-managed scratchpad is shared between
  *    every primitive created on one thread, so concurrent execution would race on it).
  * A mutex serialises the public entry points, so concurrent callers are safe, merely not concurrent.
@@ -28,10 +36,7 @@
 #include <string.h>
 
 #include "bf16.h"
-
-/* mxfp4.c: validated once per matmul here, then called per tile. */
-void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,
-                                        size_t row_begin, size_t row_end, gptoss_bf16 *out);
+#include "internal.h"
 
 enum { CACHE_CAPACITY = 64 };
 
@@ -47,10 +52,15 @@ enum { MD_SRC, MD_WEIGHTS, MD_BIAS, MD_DST, MD_SCRATCHPAD, MD_COUNT };
  * leaves most of any L3 to everything else.
  */
 #define DEFAULT_TILE_BYTES ((size_t)2 << 20)
+/* fp32 weight tile per thread on the fp32 path (tools/bench_kernels.py; Zen 2 has 512 KiB of L2 per core). */
+#define DEFAULT_F32_TILE_BYTES ((size_t)1 << 20)
+/* Below this many weights a small-m product runs on one thread: waking the others costs more. */
+#define GEMV_PARALLEL_MIN_WEIGHTS ((size_t)1 << 16)
 
 typedef struct {
     size_t m, n, k, ldx, ldy;
     int has_bias, y_dtype, threads;
+    int f32; /* fp32 x and W (the fp32 path's tiles) instead of bf16 */
 } matmul_key;
 
 typedef struct {
@@ -69,6 +79,8 @@ typedef struct {
     dnnl_stream_t stream;
     void *scratchpad;
     size_t scratchpad_bytes;
+    float *w_tile, *y_tile; /* fp32 path: the widened weight tile and its product before bias and rounding */
+    size_t w_tile_elems, y_tile_elems;
 } lane;
 
 static pthread_mutex_t matmul_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -77,6 +89,8 @@ static cache_entry cache[CACHE_CAPACITY];
 static uint64_t use_clock;
 static lane *lanes;
 static size_t n_lanes;
+static float *x_f32;
+static size_t x_f32_elems;
 
 /* ---------------------------------------------------------------- oneDNN objects */
 
@@ -132,8 +146,9 @@ static int create_entry(cache_entry *e, const matmul_key *key) {
     int status = GPTOSS_ERR_ONEDNN;
     e->key = K;
     dnnl_data_type_t y_type = K.y_dtype == GPTOSS_DTYPE_F32 ? dnnl_f32 : dnnl_bf16;
-    if (make_md(&e->md[MD_SRC], K.m, K.k, K.ldx, 1, dnnl_bf16) ||
-        make_md(&e->md[MD_WEIGHTS], K.k, K.n, 1, K.k, dnnl_bf16) || /* W[n, k] seen as "ba" [k, n] */
+    dnnl_data_type_t in_type = K.f32 ? dnnl_f32 : dnnl_bf16;
+    if (make_md(&e->md[MD_SRC], K.m, K.k, K.ldx, 1, in_type) ||
+        make_md(&e->md[MD_WEIGHTS], K.k, K.n, 1, K.k, in_type) || /* W[n, k] seen as "ba" [k, n] */
         (K.has_bias && make_md(&e->md[MD_BIAS], 1, K.n, K.n, 1, dnnl_bf16)) ||
         make_md(&e->md[MD_DST], K.m, K.n, K.ldy, 1, y_type))
         goto fail;
@@ -145,7 +160,7 @@ static int create_entry(cache_entry *e, const matmul_key *key) {
     if (saved_threads != K.threads) omp_set_num_threads(K.threads);
     dnnl_status_t st = dnnl_matmul_primitive_desc_create(&pd, engine, e->md[MD_SRC], e->md[MD_WEIGHTS],
                                                          e->md[MD_BIAS], e->md[MD_DST], attr);
-    if (st == dnnl_success && K.m <= GEMV_MAX_M && !select_impl(pd, "gemm:jit")) {
+    if (st == dnnl_success && !K.f32 && K.m <= GEMV_MAX_M && !select_impl(pd, "gemm:jit")) {
         /* No GEMV-capable implementation: start over with oneDNN's first choice. */
         dnnl_primitive_desc_destroy(pd);
         pd = NULL;
@@ -168,7 +183,7 @@ fail:
 
 static int same_key(const matmul_key *a, const matmul_key *b) {
     return a->m == b->m && a->n == b->n && a->k == b->k && a->ldx == b->ldx && a->ldy == b->ldy &&
-           a->has_bias == b->has_bias && a->y_dtype == b->y_dtype && a->threads == b->threads;
+           a->has_bias == b->has_bias && a->y_dtype == b->y_dtype && a->threads == b->threads && a->f32 == b->f32;
 }
 
 /* The cached primitive for key, created (evicting the least recently used entry) if needed. */
@@ -197,24 +212,36 @@ static int get_primitive(const matmul_key *key, cache_entry **out) {
     return GPTOSS_OK;
 }
 
-/* e has memory objects for lanes 0..count-1. */
+/* e has memory objects for lanes 0..count-1. On failure e is left as it was (no lane half-made, so a later
+ * call retries instead of failing on a NULL memory object). */
 static int ensure_entry_lanes(cache_entry *e, size_t count) {
     if (count <= e->mem_lanes) return GPTOSS_OK;
     dnnl_memory_t *grown = realloc(e->mem, count * MD_COUNT * sizeof *grown);
     if (!grown) return GPTOSS_ERR_NO_MEMORY;
-    memset(grown + e->mem_lanes * MD_COUNT, 0, (count - e->mem_lanes) * MD_COUNT * sizeof *grown);
     e->mem = grown;
-    size_t first = e->mem_lanes;
-    e->mem_lanes = count;
-    for (size_t lane_id = first; lane_id < count; lane_id++) {
-        for (int i = MD_SRC; i < MD_COUNT; i++) {
-            dnnl_memory_t *m = &e->mem[lane_id * MD_COUNT + i];
-            if (e->md[i] && dnnl_memory_create(m, e->md[i], engine, DNNL_MEMORY_NONE) != dnnl_success) {
-                *m = NULL;
-                return GPTOSS_ERR_ONEDNN;
-            }
+    size_t first = e->mem_lanes * MD_COUNT, end = count * MD_COUNT;
+    memset(grown + first, 0, (end - first) * sizeof *grown);
+    for (size_t i = first; i < end; i++) {
+        int md = (int)(i % MD_COUNT);
+        if (e->md[md] && dnnl_memory_create(&grown[i], e->md[md], engine, DNNL_MEMORY_NONE) != dnnl_success) {
+            for (size_t j = first; j < end; j++)
+                if (grown[j]) dnnl_memory_destroy(grown[j]);
+            memset(grown + first, 0, (end - first) * sizeof *grown);
+            return GPTOSS_ERR_ONEDNN;
         }
     }
+    e->mem_lanes = count;
+    return GPTOSS_OK;
+}
+
+/* *buf holds at least elems floats (64-byte aligned), grown if need be. */
+static int ensure_floats(float **buf, size_t *have, size_t elems) {
+    if (elems <= *have) return GPTOSS_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, (elems + 15) / 16 * 16 * sizeof(float))) return GPTOSS_ERR_NO_MEMORY;
+    free(*buf);
+    *buf = p;
+    *have = elems;
     return GPTOSS_OK;
 }
 
@@ -282,6 +309,142 @@ static size_t span_bytes(size_t rows, size_t cols, size_t ld, size_t elem) {
     return bytes;
 }
 
+/* ---------------------------------------------------------------- fp32 compute path */
+
+/* Rows [r0, r1) of W, widened to fp32 into out ([r1 - r0, k]). */
+typedef struct {
+    const gptoss_bf16 *bf16;                /* W [n, k] bf16, or NULL for MXFP4 */
+    const uint8_t *blocks, *scales;         /* W [n, k] MXFP4 */
+} weights_ref;
+
+static void widen_weight_rows(const weights_ref *w, size_t k, size_t r0, size_t r1, float *out) {
+    enum { CHUNK = 1024 };
+    if (w->bf16) {
+        const gptoss_bf16 *src = w->bf16 + r0 * k;
+        for (size_t i = 0, n = (r1 - r0) * k; i < n; i++) out[i] = bf16_to_f32(src[i]);
+        return;
+    }
+    /* MXFP4 -> bf16 (the exact table of mxfp4.c) a chunk at a time in L1, then -> fp32. */
+    _Alignas(64) gptoss_bf16 chunk[CHUNK];
+    size_t n_blocks = (r1 - r0) * k / 32;
+    const uint8_t *q = w->blocks + r0 * (k / 32) * 16, *sc = w->scales + r0 * (k / 32);
+    for (size_t b = 0; b < n_blocks; b += CHUNK / 32) {
+        size_t nb = n_blocks - b < CHUNK / 32 ? n_blocks - b : CHUNK / 32;
+        gptoss_dequantize_mxfp4_blocks(q + b * 16, sc + b, nb, chunk);
+        for (size_t i = 0; i < nb * 32; i++) out[b * 32 + i] = bf16_to_f32(chunk[i]);
+    }
+}
+
+/* y[:, r0:r0+rows] = bias + y_tile, rounded to y's dtype. */
+static void store_tile(const float *y_tile, size_t m, size_t rows, const gptoss_bf16 *bias, size_t r0, void *y,
+                       size_t ldy, int y_dtype) {
+    for (size_t t = 0; t < m; t++)
+        for (size_t r = 0; r < rows; r++) {
+            float v = y_tile[t * rows + r] + (bias ? bf16_to_f32(bias[r0 + r]) : 0.0f);
+            if (y_dtype == GPTOSS_DTYPE_F32)
+                ((float *)y)[t * ldy + r0 + r] = v;
+            else
+                ((gptoss_bf16 *)y)[t * ldy + r0 + r] = f32_to_bf16(v);
+        }
+}
+
+/* x [m, k] (row stride ldx) into the fp32 buffer x_f32 [m, k]. */
+static int widen_x(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx) {
+    int status = ensure_floats(&x_f32, &x_f32_elems, m * k);
+    if (status) return status;
+    for (size_t t = 0; t < m; t++)
+        for (size_t i = 0; i < k; i++) x_f32[t * k + i] = bf16_to_f32(x[t * ldx + i]);
+    return GPTOSS_OK;
+}
+
+/* m <= GEMV_MAX_ROWS: gemv.c's kernels, rows of W shared out between threads. Caller holds matmul_lock. */
+static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gptoss_bf16 *bias, void *y,
+                    size_t ldy, int y_dtype) {
+    size_t threads = (size_t)gptoss_get_num_threads();
+    if (n * k < GEMV_PARALLEL_MIN_WEIGHTS) threads = 1;
+    /* Whole groups of 4 rows per thread, so every thread runs the register-blocked loop. */
+    size_t per = (n + threads - 1) / threads;
+    per = (per + 3) / 4 * 4;
+    size_t parts = (n + per - 1) / per;
+    #pragma omp parallel for num_threads((int)parts) schedule(static) if (parts > 1)
+    for (size_t p = 0; p < parts; p++) {
+        size_t r0 = p * per, r1 = r0 + per < n ? r0 + per : n;
+        if (w->bf16)
+            gptoss_gemv_bf16_rows(x_f32, m, k, w->bf16, bias, r0, r1, y, ldy, y_dtype);
+        else
+            gptoss_gemv_mxfp4_rows(x_f32, m, k, w->blocks, w->scales, bias, r0, r1, y, ldy);
+    }
+    return GPTOSS_OK;
+}
+
+/*
+ * m > GEMV_MAX_ROWS: W widened one tile of about DEFAULT_F32_TILE_BYTES at a time, each tile multiplied by
+ * oneDNN's fp32 GEMM while it is in cache. Tiles are shared out between threads as in gptoss_matmul_mxfp4
+ * below (each thread widens and multiplies its own tiles, oneDNN single-threaded on them); a single tile
+ * runs with all threads inside oneDNN. Caller holds matmul_lock and has filled x_f32.
+ */
+static int f32_tiled(size_t m, size_t k, const weights_ref *w, size_t n, const gptoss_bf16 *bias, void *y,
+                     size_t ldy, int y_dtype) {
+    size_t threads = (size_t)gptoss_get_num_threads();
+    size_t target = DEFAULT_F32_TILE_BYTES / (k * sizeof(float));
+    if (target == 0) target = 1;
+    size_t n_tiles = (n + target - 1) / target;
+    n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
+    size_t rows = (n + n_tiles - 1) / n_tiles;
+    if (w->blocks == NULL && rows > n) rows = n;
+    n_tiles = (n + rows - 1) / rows;
+    size_t last_rows = n - (n_tiles - 1) * rows;
+    size_t n_par = threads < n_tiles ? threads : n_tiles;
+
+    int plan_threads = n_par > 1 ? 1 : (int)threads;
+    matmul_key full_key = {.m = m, .n = rows, .k = k, .ldx = k, .ldy = rows, .has_bias = 0,
+                           .y_dtype = GPTOSS_DTYPE_F32, .threads = plan_threads, .f32 = 1};
+    matmul_key last_key = full_key;
+    last_key.n = last_rows;
+    last_key.ldy = last_rows;
+    cache_entry *full = NULL, *last = NULL;
+    int status = get_primitive(&full_key, &full);
+    if (!status) status = get_primitive(&last_key, &last);
+    if (!status) {
+        size_t pad = full->scratchpad_bytes > last->scratchpad_bytes ? full->scratchpad_bytes
+                                                                      : last->scratchpad_bytes;
+        status = ensure_lanes(n_par, pad);
+    }
+    for (size_t i = 0; i < n_par && !status; i++) {
+        status = ensure_floats(&lanes[i].w_tile, &lanes[i].w_tile_elems, rows * k);
+        if (!status) status = ensure_floats(&lanes[i].y_tile, &lanes[i].y_tile_elems, m * rows);
+    }
+    if (!status) status = ensure_entry_lanes(full, n_par);
+    if (!status) status = ensure_entry_lanes(last, n_par);
+    if (status) return status;
+
+    int failed = GPTOSS_OK;
+    #pragma omp parallel for num_threads((int)n_par) schedule(static) if (n_par > 1)
+    for (size_t t = 0; t < n_tiles; t++) {
+        size_t lane_id = (size_t)omp_get_thread_num();
+        lane *l = &lanes[lane_id];
+        size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
+        widen_weight_rows(w, k, r0, r1, l->w_tile);
+        int st = execute(t + 1 == n_tiles ? last : full, lane_id, x_f32, l->w_tile, NULL, l->y_tile);
+        if (st) {
+            #pragma omp atomic write
+            failed = st;
+        } else {
+            store_tile(l->y_tile, m, r1 - r0, bias, r0, y, ldy, y_dtype);
+        }
+    }
+    return failed;
+}
+
+static int f32_matmul(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const weights_ref *w, size_t n,
+                      const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
+    int status = ensure_engine();
+    if (!status) status = widen_x(x, m, k, ldx);
+    if (status) return status;
+    return m <= GEMV_MAX_ROWS ? f32_gemv(m, k, w, n, bias, y, ldy, y_dtype)
+                              : f32_tiled(m, k, w, n, bias, y, ldy, y_dtype);
+}
+
 /* ---------------------------------------------------------------- public API */
 
 GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const gptoss_bf16 *w,
@@ -294,8 +457,16 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
         !span_bytes(m, n, ldy, y_elem))
         return GPTOSS_ERR_BAD_SIZE;
 
+    int threads = gptoss_sync_threads();
+    if (gptoss_get_isa() != GPTOSS_ISA_AVX512) {
+        weights_ref wr = {.bf16 = w};
+        pthread_mutex_lock(&matmul_lock);
+        int status = f32_matmul(x, m, k, ldx, &wr, n, bias, y, ldy, y_dtype);
+        pthread_mutex_unlock(&matmul_lock);
+        return status;
+    }
     matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = bias != NULL,
-                      .y_dtype = y_dtype, .threads = omp_get_max_threads()};
+                      .y_dtype = y_dtype, .threads = threads};
     pthread_mutex_lock(&matmul_lock);
     cache_entry *e;
     int status = get_primitive(&key, &e);
@@ -330,7 +501,7 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
         return GPTOSS_ERR_BAD_SIZE;
     if (scratch_elems > (size_t)PTRDIFF_MAX / sizeof(gptoss_bf16)) return GPTOSS_ERR_BAD_SIZE;
 
-    size_t threads = (size_t)omp_get_max_threads();
+    size_t threads = (size_t)gptoss_sync_threads();
     size_t rows = tile_rows;
     if (rows == 0) {
         /* About DEFAULT_TILE_BYTES, shrunk if need be so that every thread gets a slot of the scratch
@@ -357,6 +528,15 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
     if (n_par > threads) n_par = threads;
     if (n_par > n_tiles) n_par = n_tiles;
     size_t blocks_per_row = k / 32;
+
+    if (gptoss_get_isa() != GPTOSS_ISA_AVX512) {
+        /* The fp32 path validates the same arguments (above) but tiles in fp32 on its own buffers. */
+        weights_ref wr = {.blocks = blocks, .scales = scales};
+        pthread_mutex_lock(&matmul_lock);
+        int status = f32_matmul(x, m, k, k, &wr, n, bias, y, ldy, GPTOSS_DTYPE_BF16);
+        pthread_mutex_unlock(&matmul_lock);
+        return status;
+    }
 
     /* Primitives for a full tile and for the last (possibly shorter) one. */
     int plan_threads = n_par > 1 ? 1 : (int)threads;
@@ -423,9 +603,14 @@ GPTOSS_API void gptoss_matmul_cache_clear(void) {
     for (size_t i = 0; i < n_lanes; i++) {
         if (lanes[i].stream) dnnl_stream_destroy(lanes[i].stream);
         free(lanes[i].scratchpad);
+        free(lanes[i].w_tile);
+        free(lanes[i].y_tile);
     }
     free(lanes);
     lanes = NULL;
     n_lanes = 0;
+    free(x_f32);
+    x_f32 = NULL;
+    x_f32_elems = 0;
     pthread_mutex_unlock(&matmul_lock);
 }

@@ -37,7 +37,7 @@ GPTOSS_API int gptoss_read_bandwidth(const void *buffer, size_t nbytes, int repe
     for (int r = 0; r < repeats; r++) {
         uint64_t total = 0;
         double start = omp_get_wtime();
-#pragma omp parallel reduction(^ : total)
+#pragma omp parallel num_threads(gptoss_get_num_threads()) reduction(^ : total)
         {
             int nt = omp_get_num_threads(), t = omp_get_thread_num();
             size_t chunk = (nbytes / (size_t)nt) & ~(size_t)63;

@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "internal.h"
 
 enum { BLOCK_VALUES = 32, BLOCK_BYTES = 16, E8M0_NAN = 255, BF16_QNAN = 0x7fc0 };
 enum { PREFETCH_BYTES = 8192, SCALES_PREFETCH_BYTES = 256 };
@@ -151,6 +152,12 @@ static dequant_fn select_kernel(void) {
 }
 
 /* ---------------------------------------------------------------- entry points */
+
+/* Unchecked, single-threaded: n_blocks consecutive blocks (gemv.c dequantizes a chunk of a row at a time). */
+void gptoss_dequantize_mxfp4_blocks(const uint8_t *blocks, const uint8_t *scales, size_t n_blocks,
+                                    gptoss_bf16 *out) {
+    select_kernel()(blocks, scales, n_blocks, out);
+}
 
 /* Unchecked, single-threaded: for matmul.c, which validates once and dequantizes tile by tile. */
 void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,

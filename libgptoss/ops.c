@@ -27,7 +27,7 @@ GPTOSS_API int gptoss_rmsnorm(const gptoss_bf16 *x, const gptoss_bf16 *scale, si
     if (m == 0 || d == 0 || !mul_size(m, d, &n)) return GPTOSS_ERR_BAD_SIZE;
     if (!(eps >= 0.0f) || isinf(eps)) return GPTOSS_ERR_OUT_OF_RANGE;
 
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_ELEMS)
+#pragma omp parallel for num_threads(gptoss_get_num_threads()) schedule(static) if (n >= PARALLEL_MIN_ELEMS)
     for (size_t i = 0; i < m; i++) {
         const gptoss_bf16 *xi = x + i * d;
         gptoss_bf16 *yi = y + i * d;
@@ -52,7 +52,7 @@ GPTOSS_API int gptoss_rmsnorm(const gptoss_bf16 *x, const gptoss_bf16 *scale, si
 GPTOSS_API int gptoss_add_bf16(gptoss_bf16 *x, const gptoss_bf16 *y, size_t n) {
     if (!x || !y) return GPTOSS_ERR_NULL_POINTER;
     if (n == 0) return GPTOSS_ERR_BAD_SIZE;
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_MIN_ELEMS)
+#pragma omp parallel for simd num_threads(gptoss_get_num_threads()) schedule(static) if (n >= PARALLEL_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
     return GPTOSS_OK;
 }
@@ -61,7 +61,7 @@ GPTOSS_API int gptoss_add_f32_to_bf16(gptoss_bf16 *x, const float *acc, size_t n
     if (!x || !acc) return GPTOSS_ERR_NULL_POINTER;
     if (n == 0) return GPTOSS_ERR_BAD_SIZE;
     /* The MoE output is a bf16 tensor in the reference, so it is rounded before the residual add. */
-#pragma omp parallel for simd schedule(static) if (n >= PARALLEL_MIN_ELEMS)
+#pragma omp parallel for simd num_threads(gptoss_get_num_threads()) schedule(static) if (n >= PARALLEL_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(f32_to_bf16(acc[i])));
     return GPTOSS_OK;
 }
@@ -75,7 +75,7 @@ GPTOSS_API int gptoss_swiglu(const gptoss_bf16 *h, size_t m, size_t d, float lim
     if (m == 0 || d == 0 || !mul_size(m, d, &n) || !mul_size(n, 2, &n_in)) return GPTOSS_ERR_BAD_SIZE;
     if (!(limit >= 0.0f) || isnan(alpha)) return GPTOSS_ERR_OUT_OF_RANGE;
 
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_ELEMS)
+#pragma omp parallel for num_threads(gptoss_get_num_threads()) schedule(static) if (n >= PARALLEL_MIN_ELEMS)
     for (size_t i = 0; i < n; i++) {
         float glu = bf16_to_f32(h[2 * i]);
         float lin = bf16_to_f32(h[2 * i + 1]);
@@ -149,7 +149,7 @@ GPTOSS_API int gptoss_scatter_add_weighted(float *acc, size_t n_rows_acc, size_t
      * each element is then summed over i in ascending order, deterministically. */
     const size_t chunk = 256;
     const size_t n_chunks = (d + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (n_y >= PARALLEL_MIN_ELEMS)
+#pragma omp parallel for num_threads(gptoss_get_num_threads()) schedule(static) if (n_y >= PARALLEL_MIN_ELEMS)
     for (size_t c = 0; c < n_chunks; c++) {
         size_t begin = c * chunk, end = begin + chunk < d ? begin + chunk : d;
         for (size_t i = 0; i < g; i++) {

@@ -64,7 +64,7 @@ GPTOSS_API int gptoss_rope_apply(gptoss_bf16 *x, size_t m, size_t n_heads, size_
         if (positions[t] < 0) return GPTOSS_ERR_OUT_OF_RANGE;
 
     const size_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) if (m * row >= ((size_t)1 << 16))
+#pragma omp parallel for num_threads(gptoss_get_num_threads()) schedule(static) if (m * row >= ((size_t)1 << 16))
     for (size_t t = 0; t < m; t++) {
         const float position = (float)positions[t];
         gptoss_bf16 *xt = x + t * ldx;

@@ -14,6 +14,9 @@ Checkpoint fixtures (session-scoped: generated once per test run, read-only for 
 - `micro_config` / `micro_checkpoint` -> a much smaller model (vocab 512, hidden 32, 2 layers,
   4 experts) in both layouts, for tests that copy and corrupt files.
 
+`compute_path` runs a test once per compute path of libgptoss ('scalar', 'avx2', 'avx512'), skipping those
+this machine cannot run, and restores the selected path afterwards.
+
 Do not modify files under these fixtures: copy them to tmp_path first.
 """
 
@@ -31,6 +34,7 @@ if str(ROOT) not in sys.path:
 from gptoss_stream.config import ModelConfig  # noqa: E402
 from gptoss_stream.synthetic import make_checkpoint  # noqa: E402
 
+COMPUTE_PATHS = ["scalar", "avx2", "avx512"]
 TINY_SEED = 0
 TINY_HF_MAX_SHARD_BYTES = 30_000_000
 
@@ -67,3 +71,16 @@ def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config: Mod
     root = tmp_path_factory.mktemp("micro_checkpoint")
     make_checkpoint(root, micro_config, format="both", seed=1, max_shard_bytes=20_000, progress=False)
     return root
+
+
+@pytest.fixture(params=COMPUTE_PATHS)
+def compute_path(request: pytest.FixtureRequest):
+    from gptoss_stream import kernels
+
+    available = COMPUTE_PATHS[: COMPUTE_PATHS.index(kernels.detect_isa()) + 1]
+    if request.param not in available:
+        pytest.skip(f"the {request.param} compute path cannot run on this machine")
+    saved = kernels.get_isa()
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(saved)

@@ -1,4 +1,6 @@
-"""libgptoss matmul.c (oneDNN bf16 matmuls, plain and MXFP4-tiled) against a float64 numpy reference.
+"""libgptoss matmul.c / gemv.c (bf16 and MXFP4-tiled matmuls) against a float64 numpy reference, on every
+compute path this machine can run: bf16 oneDNN (avx512), fp32 register kernels for m <= 4 and fp32 oneDNN
+tiles above (avx2, scalar).
 
 Tolerances. The inputs are bf16, so every product x_i * w_i is exact in fp32 (8 x 8 significant bits) and
 oneDNN's only errors are (a) the fp32 sum of k products plus the bias and (b) the final rounding to bf16. For
@@ -8,6 +10,8 @@ k here. For (b), the reference rounds the exact value to bf16 and the kernel rou
 both are within half a bf16 ulp of what they round, so they can differ by one bf16 ulp (of the larger
 magnitude) plus (a). fp32 outputs only carry (a). The bound is a worst case; a wrong layout, stride, bias or
 tile offset produces errors of the size of the values themselves, far above it.
+
+The fp32 paths multiply the same exact products and differ only in summation order, so the same bounds hold.
 
 Comparing two oneDNN results with different tilings (matmul_mxfp4 against dequantize + matmul): each is
 within (a) + half an ulp of the exact value, so they differ by at most one ulp plus twice (a).
@@ -21,6 +25,8 @@ import pytest
 from gptoss_stream import _lib, kernels
 
 U32 = 2.0**-24  # fp32 unit roundoff
+
+pytestmark = pytest.mark.usefixtures("compute_path")
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
@@ -83,7 +89,8 @@ def threads():
 # ---------------------------------------------------------------------------------------------------------
 
 
-SMALL = [(m, n, k, b, t) for m in (1, 37) for n, k in [(37, 96), (1, 32), (129, 33)] for b in (False, True)
+# m = 1..4 take the fp32 paths' register kernels (each row-blocking variant), 5 and 37 their oneDNN tiles.
+SMALL = [(m, n, k, b, t) for m in (1, 2, 3, 4, 5, 37) for n, k in [(37, 96), (1, 32), (129, 33)] for b in (False, True)
          for t in (np.uint16, np.float32)]
 LARGE = [(1, 5760, 2880, True, np.uint16), (37, 5760, 2880, False, np.float32),  # expert mlp1 shape
          (1, 2880, 5760, False, np.float32), (37, 2880, 5760, True, np.uint16)]
@@ -126,7 +133,8 @@ def test_matmul_thread_counts_agree(threads):
 
 def test_primitive_cache_reuse_and_clear():
     rng = np.random.default_rng(13)
-    x, w = random_bf16(rng, (3, 64)), random_bf16(rng, (40, 64))
+    # m > 4, so the fp32 path also goes through oneDNN (smaller m takes its own register kernel there).
+    x, w = random_bf16(rng, (8, 64)), random_bf16(rng, (40, 64))
     kernels.matmul_cache_clear()
     assert kernels.matmul_cache_size() == 0
     first = kernels.matmul(x, w)
@@ -134,9 +142,10 @@ def test_primitive_cache_reuse_and_clear():
     for _ in range(3):
         np.testing.assert_array_equal(kernels.matmul(x, w), first)  # same primitive, same bits
     assert kernels.matmul_cache_size() == 1
-    kernels.matmul(x, w, out_dtype=np.float32)  # another output dtype is another primitive
-    kernels.matmul(x[:2], w)  # and another m
-    assert kernels.matmul_cache_size() == 3
+    # Another output dtype is another bf16 primitive; the fp32 path rounds its fp32 tiles itself.
+    kernels.matmul(x, w, out_dtype=np.float32)
+    kernels.matmul(x[:7], w)  # and another m is another primitive on both paths
+    assert kernels.matmul_cache_size() == (3 if kernels.get_isa() == "avx512" else 2)
     kernels.matmul_cache_clear()
     assert kernels.matmul_cache_size() == 0
     np.testing.assert_array_equal(kernels.matmul(x, w), first)  # rebuilt after a clear
@@ -168,7 +177,7 @@ def random_mxfp4(rng, n, k):
     return blocks, scales
 
 
-@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("m", [1, 4, 37])
 @pytest.mark.parametrize("n, k", [(5760, 2880), (2880, 2880), (37, 96)])
 def test_matmul_mxfp4_equals_dequantize_then_matmul(m, n, k):
     rng = np.random.default_rng(m + n + k)
@@ -213,7 +222,9 @@ def test_matmul_mxfp4_cache_stable_on_repeat():
     kernels.matmul_cache_clear()
     first = kernels.matmul_mxfp4(x, blocks, scales, None, scratch, tile_rows=64)
     size = kernels.matmul_cache_size()
-    assert size == 2  # a full tile (64 rows) and the last one (300 = 4 * 64 + 44)
+    # bf16 path: a full tile (64 rows) and the last one (300 = 4 * 64 + 44); the fp32 path runs m = 1 in its
+    # own register kernel, without oneDNN.
+    assert size == (2 if kernels.get_isa() == "avx512" else 0)
     for _ in range(3):
         np.testing.assert_array_equal(kernels.matmul_mxfp4(x, blocks, scales, None, scratch, tile_rows=64), first)
     assert kernels.matmul_cache_size() == size

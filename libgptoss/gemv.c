@@ -1,0 +1,147 @@
+/*
+ * Matmuls of a few rows of activations (m <= GEMV_MAX_ROWS: decode, and small expert groups in prefill) on
+ * the fp32 compute paths, for CPUs without bf16 dot products (see runtime.c).
+ *
+ * Such a product is bound by reading W: every weight is used m times at most. So each weight is read once,
+ * widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift) and multiplied with FMA; nothing the size of
+ * W is ever written. MXFP4 weights are first dequantized to bf16 a chunk of a few rows at a time into a
+ * buffer that stays in L1 (mxfp4.c's exact table lookup, so the values are those every other path uses),
+ * then go through the same loop.
+ *
+ * Row blocking: R rows of W against all m rows of x at once, R * m accumulators: R = 4 for m <= 2 and
+ * R = 2 for m = 3, 4 keep them in the 16 ymm registers and give the FMA units independent chains.
+ * Per ISA: AVX2 + FMA, and a plain C loop for the scalar path; the results differ from each other and from
+ * the bf16 path only in fp32 summation order.
+ */
+#include <immintrin.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "internal.h"
+
+enum { BLOCK_VALUES = 32, BLOCK_BYTES = 16 };
+/* MXFP4 values dequantized per row and step: 4 rows x 1024 bf16 = 8 KiB, well inside L1. */
+enum { MXFP4_CHUNK_VALUES = 1024 };
+
+/* ---------------------------------------------------------------- per-ISA dot products */
+
+/* sums[t * R + r] += dot(x[t, 0:len], w_r[0:len]) for t < M, r < R; x rows are ldx apart. */
+static inline __attribute__((always_inline)) void dot_rows_scalar(const float *x, size_t ldx, int M,
+                                                                  const gptoss_bf16 *const *w, int R,
+                                                                  size_t len, float *sums) {
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) {
+            float acc[8] = {0};
+            const float *xt = x + (size_t)t * ldx;
+            size_t i = 0;
+            for (; i + 8 <= len; i += 8)
+                for (int j = 0; j < 8; j++) acc[j] += xt[i + j] * bf16_to_f32(w[r][i + j]);
+            for (; i < len; i++) acc[0] += xt[i] * bf16_to_f32(w[r][i]);
+            sums[t * R + r] += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        }
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 load_bf16x8(const gptoss_bf16 *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) static inline void dot_rows_avx2(
+    const float *x, size_t ldx, const int M, const gptoss_bf16 *const *w, const int R, size_t len, float *sums) {
+    __m256 acc[GEMV_MAX_ROWS][4];
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) acc[t][r] = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        __m256 wv[4];
+        for (int r = 0; r < R; r++) wv[r] = load_bf16x8(w[r] + i);
+        for (int t = 0; t < M; t++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * ldx + i);
+            for (int r = 0; r < R; r++) acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);
+        }
+    }
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) {
+            float s = hsum_avx2(acc[t][r]);
+            for (size_t j = i; j < len; j++) s += x[(size_t)t * ldx + j] * bf16_to_f32(w[r][j]);
+            sums[t * R + r] += s;
+        }
+}
+
+/* One call per (M, R) pair with constants, so the loops above unroll into registers. */
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2_dispatch(const float *x, size_t ldx, int M,
+                                                                       const gptoss_bf16 *const *w, int R,
+                                                                       size_t len, float *sums) {
+#define CASE(m, r) \
+    if (M == m && R == r) { dot_rows_avx2(x, ldx, m, w, r, len, sums); return; }
+    CASE(1, 4) CASE(2, 4) CASE(3, 2) CASE(4, 2) CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1)
+    CASE(1, 2) CASE(2, 2) CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3) CASE(3, 4) CASE(4, 4)
+#undef CASE
+}
+
+static void dot_rows(const float *x, size_t ldx, int M, const gptoss_bf16 *const *w, int R, size_t len,
+                     float *sums) {
+    if (gptoss_get_isa() >= GPTOSS_ISA_AVX2)
+        dot_rows_avx2_dispatch(x, ldx, M, w, R, len, sums);
+    else
+        dot_rows_scalar(x, ldx, M, w, R, len, sums);
+}
+
+/* ---------------------------------------------------------------- row loops */
+
+static int rows_per_step(size_t m) { return m <= 2 ? 4 : 2; }
+
+static void store(const float *sums, int M, int R, size_t r0, const gptoss_bf16 *bias, void *y, size_t ldy,
+                  int y_dtype) {
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) {
+            float v = sums[t * R + r] + (bias ? bf16_to_f32(bias[r0 + r]) : 0.0f);
+            size_t at = (size_t)t * ldy + r0 + r;
+            if (y_dtype == GPTOSS_DTYPE_F32)
+                ((float *)y)[at] = v;
+            else
+                ((gptoss_bf16 *)y)[at] = f32_to_bf16(v);
+        }
+}
+
+void gptoss_gemv_bf16_rows(const float *x, size_t m, size_t k, const gptoss_bf16 *w, const gptoss_bf16 *bias,
+                           size_t r0, size_t r1, void *y, size_t ldy, int y_dtype) {
+    int step = rows_per_step(m);
+    for (size_t r = r0; r < r1; r += (size_t)step) {
+        int R = r1 - r < (size_t)step ? (int)(r1 - r) : step;
+        const gptoss_bf16 *rows[4];
+        for (int j = 0; j < R; j++) rows[j] = w + (r + (size_t)j) * k;
+        float sums[GEMV_MAX_ROWS * 4] = {0};
+        dot_rows(x, k, (int)m, rows, R, k, sums);
+        store(sums, (int)m, R, r, bias, y, ldy, y_dtype);
+    }
+}
+
+void gptoss_gemv_mxfp4_rows(const float *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
+                            const gptoss_bf16 *bias, size_t r0, size_t r1, gptoss_bf16 *y, size_t ldy) {
+    _Alignas(64) gptoss_bf16 chunk[4][MXFP4_CHUNK_VALUES];
+    size_t blocks_per_row = k / BLOCK_VALUES;
+    int step = rows_per_step(m);
+    for (size_t r = r0; r < r1; r += (size_t)step) {
+        int R = r1 - r < (size_t)step ? (int)(r1 - r) : step;
+        float sums[GEMV_MAX_ROWS * 4] = {0};
+        const gptoss_bf16 *rows[4] = {chunk[0], chunk[1], chunk[2], chunk[3]};
+        for (size_t c0 = 0; c0 < k; c0 += MXFP4_CHUNK_VALUES) {
+            size_t len = k - c0 < MXFP4_CHUNK_VALUES ? k - c0 : MXFP4_CHUNK_VALUES;
+            for (int j = 0; j < R; j++) {
+                size_t first = (r + (size_t)j) * blocks_per_row + c0 / BLOCK_VALUES;
+                gptoss_dequantize_mxfp4_blocks(blocks + first * BLOCK_BYTES, scales + first, len / BLOCK_VALUES,
+                                               chunk[j]);
+            }
+            dot_rows(x + c0, k, (int)m, rows, R, len, sums);
+        }
+        store(sums, (int)m, R, r, bias, y, ldy, GPTOSS_DTYPE_BF16);
+    }
+}

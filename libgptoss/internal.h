@@ -1,0 +1,32 @@
+/* Declarations shared between libgptoss's translation units (not part of the public API). */
+#ifndef GPTOSS_INTERNAL_H
+#define GPTOSS_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gptoss.h"
+
+/* runtime.c: the configured thread count, also made the calling thread's OpenMP default. OpenMP keeps
+ * omp_set_num_threads() per thread, so a kernel called from a thread other than the one that configured the
+ * count (a server's worker) would otherwise run with that thread's own default. Every entry point that
+ * starts a parallel region or runs oneDNN calls this first. */
+int gptoss_sync_threads(void);
+
+/* mxfp4.c: validated once per matmul by the caller, then called per tile; single-threaded. */
+void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,
+                                        size_t row_begin, size_t row_end, gptoss_bf16 *out);
+/* mxfp4.c: n_blocks consecutive blocks, unchecked, single-threaded. */
+void gptoss_dequantize_mxfp4_blocks(const uint8_t *blocks, const uint8_t *scales, size_t n_blocks,
+                                    gptoss_bf16 *out);
+
+/* gemv.c: y[0:m, r0:r1] = x[m, k] W[r0:r1, k]^T + bias for m <= GEMV_MAX_ROWS on the fp32 compute path,
+ * weights read once and widened in registers. x is fp32 [m, k] contiguous; single-threaded over the rows
+ * given, so callers split rows between threads. y_dtype as in gptoss_matmul_bf16. */
+enum { GEMV_MAX_ROWS = 4 };
+void gptoss_gemv_bf16_rows(const float *x, size_t m, size_t k, const gptoss_bf16 *w, const gptoss_bf16 *bias,
+                           size_t r0, size_t r1, void *y, size_t ldy, int y_dtype);
+void gptoss_gemv_mxfp4_rows(const float *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
+                            const gptoss_bf16 *bias, size_t r0, size_t r1, gptoss_bf16 *y, size_t ldy);
+
+#endif
