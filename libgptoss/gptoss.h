@@ -87,7 +87,7 @@ int gptoss_dequantize_mxfp4_rows(const uint8_t *blocks, const uint8_t *scales, s
 
 /*
  * y[m, n] = x[m, k] W[n, k]^T (+ bias[n]), bf16 inputs, fp32 accumulation.
- * On the AVX-512 BF16 path, oneDNN's bf16 matmul. On the fp32 paths, for m <= 4 our own kernel that reads W
+ * On the AVX-512 BF16 path, oneDNN's bf16 matmul. On the fp32 paths, for m <= 8 our own kernel that reads W
  * once and widens it in registers; for larger m, W is widened tile by tile into fp32 and multiplied by
  * oneDNN's fp32 GEMM (matmul.c keeps the fp32 tiles in a documented per-thread cache).
  *   x: row stride ldx (>= k) elements; w: [n, k] contiguous, used in place (no copy, no reorder);
@@ -101,7 +101,7 @@ int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, con
  * y[m, n] = x[m, k] W^T + bias with W an MXFP4 matrix [n, k] (blocks/scales as above, k % 32 == 0).
  * W is dequantized tile by tile (tile_rows rows at a time) into scratch and each tile goes straight to
  * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory. On the fp32 paths
- * the tile is then widened to fp32 (and m <= 4 takes the register kernel of gemv.c, scratch unused).
+ * the tile is then widened to fp32 (and m <= 8 takes the register kernel of gemv.c, scratch unused).
  * scratch must hold at least tile_rows * k bf16 values. Give it a slot per thread
  * (gptoss_get_num_threads() x ~2 MiB) and tile_rows = 0: tiles of ~2 MiB, as many per thread, each thread
  * dequantizing its own tile and running oneDNN single-threaded on it (the fast mode, see matmul.c). With

@@ -23,10 +23,13 @@ void gptoss_dequantize_mxfp4_blocks(const uint8_t *blocks, const uint8_t *scales
 /* gemv.c: y[0:m, r0:r1] = x[m, k] W[r0:r1, k]^T + bias for m <= GEMV_MAX_ROWS on the fp32 compute path,
  * weights read once and widened in registers. x is fp32 [m, k] contiguous; single-threaded over the rows
  * given, so callers split rows between threads. y_dtype as in gptoss_matmul_bf16. */
-enum { GEMV_MAX_ROWS = 4 };
+enum { GEMV_MAX_ROWS = 8 };
 void gptoss_gemv_bf16_rows(const float *x, size_t m, size_t k, const gptoss_bf16 *w, const gptoss_bf16 *bias,
                            size_t r0, size_t r1, void *y, size_t ldy, int y_dtype);
 void gptoss_gemv_mxfp4_rows(const float *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
                             const gptoss_bf16 *bias, size_t r0, size_t r1, gptoss_bf16 *y, size_t ldy);
+/* Whether gptoss_gemv_mxfp4_rows wants x with each 32-value block deinterleaved: x[32b + 2j] at 32b + j
+ * and x[32b + 2j + 1] at 32b + 16 + j (the order its AVX2 loop decodes the weights in). */
+int gptoss_gemv_mxfp4_deinterleaved(void);
 
 #endif

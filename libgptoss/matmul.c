@@ -348,12 +348,24 @@ static void store_tile(const float *y_tile, size_t m, size_t rows, const gptoss_
         }
 }
 
-/* x [m, k] (row stride ldx) into the fp32 buffer x_f32 [m, k]. */
-static int widen_x(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx) {
+/* x [m, k] (row stride ldx) into the fp32 buffer x_f32 [m, k]; with deinterleave, each block of 32 values
+ * in the order gptoss_gemv_mxfp4_rows wants (even positions, then odd). */
+static int widen_x(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, int deinterleave) {
     int status = ensure_floats(&x_f32, &x_f32_elems, m * k);
     if (status) return status;
-    for (size_t t = 0; t < m; t++)
-        for (size_t i = 0; i < k; i++) x_f32[t * k + i] = bf16_to_f32(x[t * ldx + i]);
+    for (size_t t = 0; t < m; t++) {
+        const gptoss_bf16 *src = x + t * ldx;
+        float *dst = x_f32 + t * k;
+        if (!deinterleave) {
+            for (size_t i = 0; i < k; i++) dst[i] = bf16_to_f32(src[i]);
+            continue;
+        }
+        for (size_t b = 0; b < k; b += 32)
+            for (size_t j = 0; j < 16; j++) {
+                dst[b + j] = bf16_to_f32(src[b + 2 * j]);
+                dst[b + 16 + j] = bf16_to_f32(src[b + 2 * j + 1]);
+            }
+    }
     return GPTOSS_OK;
 }
 
@@ -438,10 +450,11 @@ static int f32_tiled(size_t m, size_t k, const weights_ref *w, size_t n, const g
 
 static int f32_matmul(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const weights_ref *w, size_t n,
                       const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
+    int gemv = m <= GEMV_MAX_ROWS;
     int status = ensure_engine();
-    if (!status) status = widen_x(x, m, k, ldx);
+    if (!status) status = widen_x(x, m, k, ldx, gemv && !w->bf16 && gptoss_gemv_mxfp4_deinterleaved());
     if (status) return status;
-    return m <= GEMV_MAX_ROWS ? f32_gemv(m, k, w, n, bias, y, ldy, y_dtype)
+    return gemv ? f32_gemv(m, k, w, n, bias, y, ldy, y_dtype)
                               : f32_tiled(m, k, w, n, bias, y, ldy, y_dtype);
 }
 

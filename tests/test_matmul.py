@@ -1,5 +1,5 @@
 """libgptoss matmul.c / gemv.c (bf16 and MXFP4-tiled matmuls) against a float64 numpy reference, on every
-compute path this machine can run: bf16 oneDNN (avx512), fp32 register kernels for m <= 4 and fp32 oneDNN
+compute path this machine can run: bf16 oneDNN (avx512), fp32 register kernels for m <= 8 and fp32 oneDNN
 tiles above (avx2, scalar).
 
 Tolerances. The inputs are bf16, so every product x_i * w_i is exact in fp32 (8 x 8 significant bits) and
@@ -89,8 +89,8 @@ def threads():
 # ---------------------------------------------------------------------------------------------------------
 
 
-# m = 1..4 take the fp32 paths' register kernels (each row-blocking variant), 5 and 37 their oneDNN tiles.
-SMALL = [(m, n, k, b, t) for m in (1, 2, 3, 4, 5, 37) for n, k in [(37, 96), (1, 32), (129, 33)] for b in (False, True)
+# m = 1..8 take the fp32 paths' register kernels (each row-blocking variant), 9 and 37 their oneDNN tiles.
+SMALL = [(m, n, k, b, t) for m in (1, 2, 3, 4, 5, 8, 9, 37) for n, k in [(37, 96), (1, 32), (129, 33)] for b in (False, True)
          for t in (np.uint16, np.float32)]
 LARGE = [(1, 5760, 2880, True, np.uint16), (37, 5760, 2880, False, np.float32),  # expert mlp1 shape
          (1, 2880, 5760, False, np.float32), (37, 2880, 5760, True, np.uint16)]
@@ -124,7 +124,7 @@ def test_matmul_strided_input_and_output(out_dtype):
 
 def test_matmul_thread_counts_agree(threads):
     rng = np.random.default_rng(12)
-    x, w = random_bf16(rng, (5, 640)), random_bf16(rng, (300, 640))
+    x, w = random_bf16(rng, (12, 640)), random_bf16(rng, (300, 640))
     exact, magnitude = reference(x, w, None)
     for n in (1, 2):
         threads(n)
@@ -133,8 +133,8 @@ def test_matmul_thread_counts_agree(threads):
 
 def test_primitive_cache_reuse_and_clear():
     rng = np.random.default_rng(13)
-    # m > 4, so the fp32 path also goes through oneDNN (smaller m takes its own register kernel there).
-    x, w = random_bf16(rng, (8, 64)), random_bf16(rng, (40, 64))
+    # m > 8, so the fp32 path also goes through oneDNN (smaller m takes its own register kernel there).
+    x, w = random_bf16(rng, (10, 64)), random_bf16(rng, (40, 64))
     kernels.matmul_cache_clear()
     assert kernels.matmul_cache_size() == 0
     first = kernels.matmul(x, w)
@@ -144,7 +144,7 @@ def test_primitive_cache_reuse_and_clear():
     assert kernels.matmul_cache_size() == 1
     # Another output dtype is another bf16 primitive; the fp32 path rounds its fp32 tiles itself.
     kernels.matmul(x, w, out_dtype=np.float32)
-    kernels.matmul(x[:7], w)  # and another m is another primitive on both paths
+    kernels.matmul(x[:9], w)  # and another m is another primitive on both paths
     assert kernels.matmul_cache_size() == (3 if kernels.get_isa() == "avx512" else 2)
     kernels.matmul_cache_clear()
     assert kernels.matmul_cache_size() == 0
@@ -177,7 +177,7 @@ def random_mxfp4(rng, n, k):
     return blocks, scales
 
 
-@pytest.mark.parametrize("m", [1, 4, 37])
+@pytest.mark.parametrize("m", [1, 4, 8, 37])
 @pytest.mark.parametrize("n, k", [(5760, 2880), (2880, 2880), (37, 96)])
 def test_matmul_mxfp4_equals_dequantize_then_matmul(m, n, k):
     rng = np.random.default_rng(m + n + k)
