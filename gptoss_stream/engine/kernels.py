@@ -11,7 +11,7 @@ import mmap
 
 import numpy as np
 
-from gptoss_stream import _lib
+from gptoss_stream.engine import _lib
 
 BF16 = np.uint16
 
