@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gptoss_stream.config import ModelConfig  # noqa: E402
-from gptoss_stream.synthetic import make_checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
+from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
 TINY_SEED = 0
 TINY_HF_MAX_SHARD_BYTES = 30_000_000
