@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gptoss_stream.config import ModelConfig  # noqa: E402
-from gptoss_stream.synthetic import make_checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
+from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
 COMPUTE_PATHS = ["scalar", "avx2", "avx512"]
 TINY_SEED = 0
@@ -75,7 +75,7 @@ def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config: Mod
 
 @pytest.fixture(params=COMPUTE_PATHS)
 def compute_path(request: pytest.FixtureRequest):
-    from gptoss_stream import kernels
+    from gptoss_stream.engine import kernels
 
     available = COMPUTE_PATHS[: COMPUTE_PATHS.index(kernels.detect_isa()) + 1]
     if request.param not in available:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptoss_stream import _lib, kernels
+from gptoss_stream.engine import _lib, kernels
 
 HEAD_DIM = 64
 SCALE = HEAD_DIM**-0.5

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_stream import cli
-from gptoss_stream.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, dense_ranges,
-                                  format_size, kv_cache_nbytes, parse_size, plan_memory)
-from gptoss_stream.checkpoint import Checkpoint, TensorRange
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.expert_cache import record_bound
-from gptoss_stream.kvcache import KVCache
+from gptoss_stream.commands import cli
+from gptoss_stream.engine.kvcache import KVCache
+from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, dense_ranges,
+                                            format_size, kv_cache_nbytes, parse_size, plan_memory)
+from gptoss_stream.streaming.expert_cache import record_bound
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import TensorRange
 
 SLOT_20B = 13_242_368  # one gpt-oss-20b expert's MXFP4 blocks + scales, page-aligned (biases stay mapped)
 

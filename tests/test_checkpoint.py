@@ -6,9 +6,11 @@ import numpy as np
 import psutil
 import pytest
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, Checkpoint, TensorRange, locate, original_tensors
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.synthetic import write_hf
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, TensorRange, original_tensors
+from gptoss_stream.weights.layouts.published import locate
+from gptoss_stream.weights.synthetic import write_hf
 
 
 def _pread(r: TensorRange) -> bytes:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_stream.checkpoint import Checkpoint
-from gptoss_stream.safetensors_file import SafetensorsFile
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.safetensors_file import SafetensorsFile
 
 
 def read_file(path: Path) -> tuple[dict, bytes]:

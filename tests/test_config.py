@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gptoss_stream.config import (
+from gptoss_stream.weights.config import (
     FULL, ORIGINAL_KEYS, SLIDING, ModelConfig, config_flavour, default_layer_types, load_config,
 )
 

@@ -7,7 +7,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from gptoss_stream.harmony import (  # noqa: E402
+from gptoss_stream.chat.harmony import (  # noqa: E402
     MAX_HEADER_TOKENS,
     STOP_TOKENS_CHAT,
     STOP_TOKENS_RAW,
@@ -20,7 +20,7 @@ from gptoss_stream.harmony import (  # noqa: E402
     render_message,
     system_message,
 )
-from gptoss_stream.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
+from gptoss_stream.chat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
 
 SYSTEM_TEXT = (
     "You are ChatGPT, a large language model trained by OpenAI.\n"

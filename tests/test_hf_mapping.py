@@ -24,8 +24,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
 
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.config import ModelConfig  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
 
 FP4 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptoss_stream import _lib, kernels
+from gptoss_stream.engine import _lib, kernels
 
 U32 = 2.0**-24  # fp32 unit roundoff
 

@@ -4,7 +4,7 @@ clear errors for bad arguments."""
 import numpy as np
 import pytest
 
-from gptoss_stream import _lib, kernels
+from gptoss_stream.engine import _lib, kernels
 
 
 def test_read_bandwidth_is_a_positive_rate():

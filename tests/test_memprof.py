@@ -16,11 +16,11 @@ import pytest
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken"))
 
-from gptoss_stream import cli, memprof  # noqa: E402
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.config import ModelConfig  # noqa: E402
-from gptoss_stream.residency import PAGE_SIZE, CheckpointResidency  # noqa: E402
-from gptoss_stream.synthetic import make_checkpoint  # noqa: E402
+from gptoss_stream.commands import cli, memprof  # noqa: E402
+from gptoss_stream.commands.memprof.residency import PAGE_SIZE, CheckpointResidency  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
+from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
 N_TOKENS = 5
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -270,7 +270,7 @@ class _SlowResidency:
     def measure(self):
         self.calls += 1
         time.sleep(self.cost)
-        from gptoss_stream.residency import Residency
+        from gptoss_stream.commands.memprof.residency import Residency
         return Residency(0, 1, 0, 1, 0, 1, 0, 1)
 
 
@@ -294,7 +294,7 @@ def test_slow_measures_keep_to_their_share_of_time():
 def test_mincore_sees_exactly_the_touched_pages():
     import mmap
 
-    from gptoss_stream import _lib, kernels
+    from gptoss_stream.engine import _lib, kernels
 
     region = mmap.mmap(-1, 16 * PAGE_SIZE)  # anonymous: a page is resident once written, not before
     view = np.frombuffer(region, dtype=np.uint8)

@@ -19,12 +19,12 @@ import pytest
 import numpy_reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from gptoss_stream.checkpoint import Checkpoint
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.generate import generate
-from gptoss_stream.model import Model
-from gptoss_stream.sampling import Sampler, SamplingParams
-from gptoss_stream.synthetic import make_checkpoint
+from gptoss_stream.engine.generate import generate
+from gptoss_stream.engine.model import Model
+from gptoss_stream.engine.sampling import Sampler, SamplingParams
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.synthetic import make_checkpoint
 
 # max |Δlogit| / std(reference logits) allowed against each reference. Measured on the tiny checkpoint: the
 # engine equals the numpy reference bit for bit until one bf16 rounding flips (e.g. at token 29 of a

@@ -321,7 +321,7 @@ def test_swiglu_interleaved_and_clamped():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_original):
-    from gptoss_stream.checkpoint import Checkpoint
+    from gptoss_stream.weights.checkpoint import Checkpoint
 
     return Checkpoint.open(tiny_original)
 

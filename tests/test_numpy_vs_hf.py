@@ -43,9 +43,9 @@ pytest.importorskip("transformers", reason="transformers is needed for the Huggi
 
 import hf_reference as hr  # noqa: E402
 import numpy_reference as nr  # noqa: E402
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.config import ModelConfig  # noqa: E402
-from gptoss_stream.synthetic import make_checkpoint  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
+from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
 LAYER_FRO = 2.0**-5
 LAYER_MAX = 2.0**-2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptoss_stream import _lib, kernels
+from gptoss_stream.engine import _lib, kernels
 
 BF16_HALF_ULP = 2.0**-8  # relative rounding error of one round-to-nearest to bf16 (8 significant bits)
 FP32_SLOP = 1e-5  # relative error of a few fp32 operations (and a 2880-term fp32 sum), far above 2^-24 each

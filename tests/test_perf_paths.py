@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gptoss_stream import kernels
-from gptoss_stream.checkpoint import Checkpoint
-from gptoss_stream.model import EXPERT_SCRATCH_BYTES_PER_THREAD, Model
+from gptoss_stream.engine import kernels
+from gptoss_stream.engine.model import EXPERT_SCRATCH_BYTES_PER_THREAD, Model
+from gptoss_stream.weights.checkpoint import Checkpoint
 
 
 @pytest.fixture(autouse=True)

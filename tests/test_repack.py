@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from gptoss_stream import repack as rp
-from gptoss_stream.checkpoint import Checkpoint
-from gptoss_stream.cli import main
-from gptoss_stream.repacked import MANIFEST, MANIFEST_PARTIAL, RepackedCheckpoint, records
-from gptoss_stream.safetensors_file import SafetensorsFile
+from gptoss_stream.commands.cli import main
+from gptoss_stream.weights import repack as rp
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.layouts.repacked import MANIFEST, MANIFEST_PARTIAL, RepackedCheckpoint, records
+from gptoss_stream.weights.safetensors_file import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_SHARD = 16 << 10  # micro records are 4 KiB (experts) to 32 KiB (embedding): ~6 shards
@@ -42,7 +42,7 @@ def manifest(d: Path) -> dict:
 
 def run_cli(*args: str, env: dict | None = None, wait: bool = True):
     """`gptoss repack ...` in a child process (so it can be killed like a real run)."""
-    cmd = [sys.executable, "-m", "gptoss_stream.cli", "repack", *args, "--quiet"]
+    cmd = [sys.executable, "-m", "gptoss_stream.commands.cli", "repack", *args, "--quiet"]
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -196,7 +196,7 @@ def test_repack_of_a_repacked_checkpoint(micro_checkpoint, micro_ref, tmp_path):
 # ---------------------------------------------------------------------------- the engine
 
 def test_logits_bit_identical_to_source(tiny_original, tiny_repacked):
-    from gptoss_stream.model import Model
+    from gptoss_stream.engine.model import Model
 
     tokens = np.random.default_rng(7).integers(0, 199_998, size=9).tolist()
     out = []
@@ -386,7 +386,7 @@ def test_bad_options(micro_checkpoint, tmp_path, bad):
 
 
 def test_parse_size():
-    from gptoss_stream.budget import parse_size  # --shard-size uses the one size syntax
+    from gptoss_stream.streaming.budget import parse_size  # --shard-size uses the one size syntax
 
     assert parse_size("2G") == 2 << 30 and parse_size("500MB") == 500_000_000
     assert parse_size("16k") == 16384 and parse_size("4096") == 4096

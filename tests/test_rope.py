@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 
-from gptoss_stream import _lib, kernels
+from gptoss_stream.engine import _lib, kernels
 
 # gpt-oss: head_dim 64, rope_theta 150000, YaRN factor 32 over an initial context of 4096, ntk alpha 1, beta 32.
 GPT_OSS_ROPE = dict(head_dim=64, theta=150000.0, scaling_factor=32.0, ntk_alpha=1.0, ntk_beta=32.0,

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from gptoss_stream.sampling import Sampler, SamplingParams
+from gptoss_stream.engine.sampling import Sampler, SamplingParams
 
 V = 201088
 

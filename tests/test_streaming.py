@@ -13,16 +13,17 @@ import threading
 import numpy as np
 import pytest
 
-from gptoss_stream import cli
-from gptoss_stream.checkpoint import Checkpoint, TensorRange
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.expert_cache import (LFU, LRU, StreamingExpertStore, expert_slot_bytes, open_budgeted_store,
-                                        record_bound, split_expert)
-from gptoss_stream.experts import MappedExpertStore
-from gptoss_stream.model import Model
-from gptoss_stream.repack import repack
-from gptoss_stream.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
-from gptoss_stream.synthetic import make_checkpoint
+from gptoss_stream.commands import cli
+from gptoss_stream.engine.model import Model
+from gptoss_stream.streaming.expert_cache import (LFU, LRU, StreamingExpertStore, expert_slot_bytes,
+                                                  open_budgeted_store, record_bound, split_expert)
+from gptoss_stream.streaming.experts import MappedExpertStore
+from gptoss_stream.streaming.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import TensorRange
+from gptoss_stream.weights.repack import repack
+from gptoss_stream.weights.synthetic import make_checkpoint
 
 PIECES = ("mlp1_blocks", "mlp1_scales", "mlp1_bias", "mlp2_blocks", "mlp2_scales", "mlp2_bias")
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptoss_stream import synthetic
-from gptoss_stream.checkpoint import Checkpoint, hf_tensors, original_tensors
-from gptoss_stream.cli import main
-from gptoss_stream.config import ORIGINAL_KEYS, ModelConfig
+from gptoss_stream.commands.cli import main
 from gptoss_stream.progress import ProgressBar, format_bytes, format_duration
-from gptoss_stream.synthetic import (
+from gptoss_stream.weights import synthetic
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ORIGINAL_KEYS, ModelConfig
+from gptoss_stream.weights.layouts.base import original_tensors
+from gptoss_stream.weights.layouts.published import hf_tensors
+from gptoss_stream.weights.synthetic import (
     GEN_UNIT_BYTES, bf16_to_f32, generate_tensor, iter_tensor, make_checkpoint, plan_hf_shards,
     tensor_rows,
 )
@@ -291,7 +293,7 @@ def test_cli_progress_on_stderr(tmp_path, capsys):
 
 
 def test_parse_size():
-    from gptoss_stream.budget import parse_size  # --max-shard-size uses the one size syntax
+    from gptoss_stream.streaming.budget import parse_size  # --max-shard-size uses the one size syntax
 
     assert parse_size("4.8GB") == 4_800_000_000
     assert parse_size("64MiB") == 64 << 20

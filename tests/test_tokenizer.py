@@ -8,8 +8,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tiktoken  # noqa: E402
 
-from gptoss_stream import tokenizer as tokenizer_module  # noqa: E402
-from gptoss_stream.tokenizer import StreamDecoder, Tokenizer, get_tokenizer, special_tokens  # noqa: E402
+from gptoss_stream.chat import tokenizer as tokenizer_module  # noqa: E402
+from gptoss_stream.chat.tokenizer import StreamDecoder, Tokenizer, get_tokenizer, special_tokens  # noqa: E402
 
 NAMED = {
     "<|startoftext|>": 199998,

@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptoss_stream import kernels  # noqa: E402
-from gptoss_stream import model as model_module  # noqa: E402
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.config import ModelConfig  # noqa: E402
-from gptoss_stream.model import Model  # noqa: E402
+from gptoss_stream.engine import kernels  # noqa: E402
+from gptoss_stream.engine import model as model_module  # noqa: E402
+from gptoss_stream.engine.model import Model  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.weights.config import ModelConfig  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- machine limits

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptoss_stream import _lib, kernels  # noqa: E402
+from gptoss_stream.engine import _lib, kernels  # noqa: E402
 
 LLC_BYTES = 32 << 20  # rotate over >= 4x this much weight data for memory-bound numbers
 SECTIONS = ("dequant", "gemv", "mxfp4", "gemm")

@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
 from gptoss_stream.progress import format_bytes  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
 
 DIRECT_ALIGN = 4096
 
@@ -52,7 +52,7 @@ def check_source(src: Path) -> int:
 def run_child(args: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, CPU line) of `gptoss <args>` in a child process; stderr (progress) passes
     through. The CPU line (user + system seconds, load average after) tells a CPU-bound run from a disturbed one."""
-    cmd = [sys.executable, "-m", "gptoss_stream.cli", *args]
+    cmd = [sys.executable, "-m", "gptoss_stream.commands.cli", *args]
     print("$ gptoss " + " ".join(args), flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,

@@ -34,11 +34,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gptoss_stream.budget import size_argument  # noqa: E402
-from gptoss_stream.checkpoint import Checkpoint, TensorRange  # noqa: E402
-from gptoss_stream.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
-from gptoss_stream.residency import evict_files  # noqa: E402
-from gptoss_stream.runstats import process_read_bytes  # noqa: E402
+from gptoss_stream.commands.memprof.residency import evict_files  # noqa: E402
+from gptoss_stream.streaming.budget import size_argument  # noqa: E402
+from gptoss_stream.streaming.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
+from gptoss_stream.streaming.runstats import process_read_bytes  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
+from gptoss_stream.weights.layouts.base import TensorRange  # noqa: E402
 
 MADV_POPULATE_READ = 22  # linux/mman.h (5.14+); Python 3.11's mmap module does not name it
 GB = 1e9
@@ -170,9 +171,9 @@ def record_trace(model_dir: str, prompt_tokens: int, decode_tokens: int, seed: i
     """Route a prompt and a sampled continuation through the model; per (phase, layer): the routed experts,
     the guess from the residual after the previous layer's attention (what the engine uses) and the guess
     from the residual after the previous layer's MoE."""
-    from gptoss_stream.experts import MappedExpertStore
-    from gptoss_stream.model import Model
-    from gptoss_stream.sampling import Sampler, SamplingParams
+    from gptoss_stream.engine.model import Model
+    from gptoss_stream.engine.sampling import Sampler, SamplingParams
+    from gptoss_stream.streaming.experts import MappedExpertStore
 
     ck = Checkpoint.open(model_dir)
     trace: list[dict] = []
@@ -386,12 +387,12 @@ VARIANTS: dict[str, dict] = {
 
 def run_child(args: argparse.Namespace) -> None:
     """`gptoss generate --raw --stats` with a store variant (runs inside the cgroup)."""
-    from gptoss_stream.expert_cache import open_budgeted_store
-    from gptoss_stream.generate import generate
-    from gptoss_stream.model import Model
-    from gptoss_stream.runstats import report
-    from gptoss_stream.sampling import Sampler, SamplingParams
-    from gptoss_stream.tokenizer import get_tokenizer
+    from gptoss_stream.chat.tokenizer import get_tokenizer
+    from gptoss_stream.engine.generate import generate
+    from gptoss_stream.engine.model import Model
+    from gptoss_stream.engine.sampling import Sampler, SamplingParams
+    from gptoss_stream.streaming.expert_cache import open_budgeted_store
+    from gptoss_stream.streaming.runstats import report
 
     ck = Checkpoint.open(args.model)
     store, plan = open_budgeted_store(ck, args.budget, args.context, args.chunk, **VARIANTS[args.variant])
@@ -407,7 +408,7 @@ def run_child(args: argparse.Namespace) -> None:
 def run_runs(args: argparse.Namespace) -> None:
     from cgroup_run import run_in_memory_cgroup
 
-    from gptoss_stream.budget import format_size, kv_cache_nbytes, parse_size
+    from gptoss_stream.streaming.budget import format_size, kv_cache_nbytes, parse_size
 
     ck = Checkpoint.open(args.model)
     cfg, files = ck.config, ck.files()
@@ -415,7 +416,7 @@ def run_runs(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     env.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    base = [sys.executable, "-m", "gptoss_stream.cli", "generate", "-m", args.model, "-p", PROMPT, "--raw",
+    base = [sys.executable, "-m", "gptoss_stream.commands.cli", "generate", "-m", args.model, "-p", PROMPT, "--raw",
             "-t", "1.0", "--seed", "0", "--stats", "--context", str(args.context), "--chunk", str(args.chunk)]
     if args.threads:
         base += ["--threads", str(args.threads)]

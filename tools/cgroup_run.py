@@ -5,7 +5,7 @@ Needs root and the v1 memory controller at /sys/fs/cgroup/memory (what this mach
 cache a process fills is charged to its cgroup, so a capped run sees the same memory pressure a small
 machine would: what the limit cannot hold is re-read from disk.
 
-    python3 tools/cgroup_run.py 4G -- python3 -m gptoss_stream.cli generate -m /work/ckpt/20b -p hi -n 8
+    python3 tools/cgroup_run.py 4G -- python3 -m gptoss_stream.commands.cli generate -m /work/ckpt/20b -p hi -n 8
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptoss_stream.budget import format_size, parse_size  # noqa: E402
-from gptoss_stream.residency import evict_files  # noqa: E402
+from gptoss_stream.commands.memprof.residency import evict_files  # noqa: E402
+from gptoss_stream.streaming.budget import format_size, parse_size  # noqa: E402
 
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
 

@@ -22,9 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from gptoss_stream import kernels  # noqa: E402
-from gptoss_stream.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.model import Model  # noqa: E402
+from gptoss_stream.engine import kernels  # noqa: E402
+from gptoss_stream.engine.model import Model  # noqa: E402
+from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
 
 
 # Measured: 0-1 ulp against numpy; against transformers 4-10 on the tiny checkpoint and 12-18 at the real

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, TensorRange, original_tensors
-from gptoss_stream.config import ModelConfig
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, TensorRange, original_tensors
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -234,7 +234,7 @@ def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) ->
 
 
 def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:
-    from gptoss_stream.model import RunState  # numpy zeros: allocating to measure costs no resident memory
+    from gptoss_stream.engine.model import RunState  # numpy zeros: allocating to measure costs no resident memory
 
     return RunState.allocate(config, max_chunk).nbytes + LOGIT_COPIES * config.vocab_size * 4
 

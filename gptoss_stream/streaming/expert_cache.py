@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream.checkpoint import ExpertWeights, TensorRange
-from gptoss_stream.experts import ExpertStats
-from gptoss_stream.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadJob, RecordLayout, aligned_buffer, \
-    plan_record, prefault_page_cache
+from gptoss_stream.streaming.experts import ExpertStats
+from gptoss_stream.streaming.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadJob, RecordLayout, \
+    aligned_buffer, plan_record, prefault_page_cache
+from gptoss_stream.weights.layouts.base import ExpertWeights, TensorRange
 
 LFU, LRU = "lfu", "lru"
 POLICIES = (LFU, LRU)
@@ -529,7 +529,7 @@ def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max
     """Plan `budget` bytes (None: what this machine or cgroup has available) and open a store with the
     expert cache the plan leaves (options go to StreamingExpertStore); BudgetError naming the minimum
     before anything is read."""
-    from gptoss_stream.budget import available_memory, dense_ranges, plan_memory
+    from gptoss_stream.streaming.budget import available_memory, dense_ranges, plan_memory
 
     slot_bytes = expert_slot_bytes(checkpoint)
     plan = plan_memory(checkpoint.config, slot_bytes, budget if budget is not None else available_memory(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptoss_stream.config import ModelConfig
+from gptoss_stream.weights.config import ModelConfig
 
 
 class ContextFullError(ValueError):

@@ -1,7 +1,8 @@
-"""A gpt-oss checkpoint on disk, either format, as zero-copy numpy views (SPEC §2).
+"""The two published layouts of a gpt-oss checkpoint, original/ and Hugging Face, as zero-copy numpy views (SPEC §2).
 
-`Checkpoint.open(path)` reads config.json and the safetensors headers, checks every tensor the
-config implies (name, dtype, shape), maps the shards and returns. Nothing else is read: each view
+`PublishedCheckpoint.open(path)` (reached through weights/checkpoint.py's `open_checkpoint`) reads
+config.json and the safetensors headers, checks every tensor the config implies (name, dtype, shape),
+maps the shards and returns. Nothing else is read: each view
 is a numpy array over the mapping (bf16 as np.uint16), so RSS grows only with what the forward pass
 touches, and each expert's six pieces come with their absolute byte ranges so the streaming layer
 can read or prefetch exactly one expert.
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss_stream.config import ModelConfig, config_flavour, load_config, read_config_json
-from gptoss_stream.safetensors_file import SafetensorsFile
+from gptoss_stream.weights.config import ModelConfig, config_flavour, load_config, read_config_json
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
+from gptoss_stream.weights.safetensors_file import SafetensorsFile
 
 ORIGINAL = "original"
 HF = "hf"
@@ -57,38 +59,6 @@ _GLOBAL_RENAMES: dict[str, str] = {
     "norm.scale": "model.norm.weight",
     "unembedding.weight": "lm_head.weight",
 }
-EXPERT_PIECES: tuple[str, ...] = (
-    "mlp.mlp1_weight.blocks", "mlp.mlp1_weight.scales", "mlp.mlp1_bias",
-    "mlp.mlp2_weight.blocks", "mlp.mlp2_weight.scales", "mlp.mlp2_bias",
-)
-
-
-def original_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor of the original format: name -> (dtype, shape), SPEC §2a."""
-    V, H, I, E = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
-    out: dict[str, tuple[str, tuple[int, ...]]] = {"embedding.weight": ("BF16", (V, H))}
-    for n in range(cfg.num_hidden_layers):
-        p = f"block.{n}."
-        out.update({
-            p + "attn.norm.scale": ("BF16", (H,)),
-            p + "attn.qkv.weight": ("BF16", (cfg.qkv_dim, H)),
-            p + "attn.qkv.bias": ("BF16", (cfg.qkv_dim,)),
-            p + "attn.sinks": ("BF16", (cfg.num_attention_heads,)),
-            p + "attn.out.weight": ("BF16", (H, cfg.q_dim)),
-            p + "attn.out.bias": ("BF16", (H,)),
-            p + "mlp.norm.scale": ("BF16", (H,)),
-            p + "mlp.gate.weight": ("BF16", (E, H)),
-            p + "mlp.gate.bias": ("BF16", (E,)),
-            p + "mlp.mlp1_weight.blocks": ("U8", (E, 2 * I, H // 32, 16)),
-            p + "mlp.mlp1_weight.scales": ("U8", (E, 2 * I, H // 32)),
-            p + "mlp.mlp1_bias": ("BF16", (E, 2 * I)),
-            p + "mlp.mlp2_weight.blocks": ("U8", (E, H, I // 32, 16)),
-            p + "mlp.mlp2_weight.scales": ("U8", (E, H, I // 32)),
-            p + "mlp.mlp2_bias": ("BF16", (E, H)),
-        })
-    out["norm.scale"] = ("BF16", (H,))
-    out["unembedding.weight"] = ("BF16", (V, H))
-    return out
 
 
 @dataclass(frozen=True)
@@ -118,51 +88,6 @@ def hf_tensors(cfg: ModelConfig) -> list[HFTensor]:
         else:
             out.append(HFTensor(p + _LAYER_RENAMES[suffix], dtype, shape, name, (0, shape[0])))
     return out
-
-
-# ---------------------------------------------------------------------------- public records
-
-@dataclass(frozen=True)
-class TensorRange:
-    path: str    # shard file
-    offset: int  # absolute byte offset inside the file
-    nbytes: int
-
-
-@dataclass
-class LayerWeights:
-    """One layer's dense weights: read-only views into the mapping, bf16 as np.uint16."""
-    attn_norm: np.ndarray    # [H]
-    q_weight: np.ndarray     # [nq*hd, H]
-    q_bias: np.ndarray       # [nq*hd]
-    k_weight: np.ndarray     # [nkv*hd, H]
-    k_bias: np.ndarray       # [nkv*hd]
-    v_weight: np.ndarray     # [nkv*hd, H]
-    v_bias: np.ndarray       # [nkv*hd]
-    sinks: np.ndarray        # [nq]
-    out_weight: np.ndarray   # [H, nq*hd]
-    out_bias: np.ndarray     # [H]
-    mlp_norm: np.ndarray     # [H]
-    gate_weight: np.ndarray  # [E, H]
-    gate_bias: np.ndarray    # [E]
-    qkv_weight: np.ndarray | None  # [(nq+2nkv)*hd, H] when q, k, v are adjacent in the file, else None
-    qkv_bias: np.ndarray | None    # [(nq+2nkv)*hd] likewise
-
-
-@dataclass
-class ExpertWeights:
-    """One expert's MXFP4 weights: read-only views into the mapping."""
-    mlp1_blocks: np.ndarray  # [2I, H/32, 16] u8, rows interleaved glu, linear, glu, ...
-    mlp1_scales: np.ndarray  # [2I, H/32] u8 (E8M0)
-    mlp1_bias: np.ndarray    # [2I] bf16 as u16, same interleaving
-    mlp2_blocks: np.ndarray  # [H, I/32, 16] u8
-    mlp2_scales: np.ndarray  # [H, I/32] u8
-    mlp2_bias: np.ndarray    # [H] bf16 as u16
-    ranges: list[TensorRange]  # byte ranges of the six pieces above, in that order
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.ranges)
 
 
 @dataclass(frozen=True)
@@ -251,75 +176,7 @@ def _hf_shard_names(d: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- the checkpoint
 
-class NamedWeights:
-    """The checkpoint API every layout shares, built on `tensor(name)` with original-format names.
-
-    A layout class provides `config`, `tensor(key)`, `expert_ranges(layer, e)`, `close()`; it may override
-    `_fused_qkv(prefix)` when q, k, v are not one tensor.
-    """
-
-    config: ModelConfig
-
-    def tensor(self, key: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def expert_ranges(self, layer: int, e: int) -> list[TensorRange]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def _fused_qkv(self, prefix: str) -> bool:
-        return True
-
-    def embedding(self) -> np.ndarray:
-        return self.tensor("embedding.weight")  # [V, H]
-
-    def final_norm(self) -> np.ndarray:
-        return self.tensor("norm.scale")  # [H]
-
-    def unembedding(self) -> np.ndarray:
-        return self.tensor("unembedding.weight")  # [V, H]
-
-    def _check_layer(self, layer: int) -> str:
-        if not 0 <= layer < self.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} out of range (model has {self.config.num_hidden_layers})")
-        return f"block.{layer}."
-
-    def _check_expert(self, layer: int, e: int) -> str:
-        prefix = self._check_layer(layer)
-        if not 0 <= e < self.config.num_experts:
-            raise ValueError(f"expert {e} out of range (model has {self.config.num_experts})")
-        return prefix
-
-    def layer(self, n: int) -> LayerWeights:
-        p = self._check_layer(n)
-        t = self.tensor
-        fused = self._fused_qkv(p)
-        return LayerWeights(
-            attn_norm=t(p + "attn.norm.scale"),
-            q_weight=t(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
-            k_weight=t(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
-            v_weight=t(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
-            sinks=t(p + "attn.sinks"),
-            out_weight=t(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
-            mlp_norm=t(p + "mlp.norm.scale"),
-            gate_weight=t(p + "mlp.gate.weight"), gate_bias=t(p + "mlp.gate.bias"),
-            qkv_weight=t(p + "attn.qkv.weight") if fused else None,
-            qkv_bias=t(p + "attn.qkv.bias") if fused else None,
-        )
-
-    def expert_nbytes(self, layer: int, e: int) -> int:
-        return sum(r.nbytes for r in self.expert_ranges(layer, e))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Checkpoint(NamedWeights):
+class PublishedCheckpoint(NamedWeights):
     """Zero-copy access to a gpt-oss checkpoint in the original or Hugging Face layout."""
 
     def __init__(self, path: Path, format: str, config: ModelConfig, files: dict[str, SafetensorsFile],
@@ -331,10 +188,7 @@ class Checkpoint(NamedWeights):
         self._slots = slots
 
     @classmethod
-    def open(cls, path: str | os.PathLike, format: str | None = None) -> "Checkpoint":
-        from gptoss_stream import repacked  # `gptoss repack` output has its own reader (same API)
-        if format in (None, repacked.FORMAT) and repacked.is_repacked(path):
-            return repacked.RepackedCheckpoint.open(path)
+    def open(cls, path: str | os.PathLike, format: str | None = None) -> "PublishedCheckpoint":
         fmt, d = locate(path, format)
         config = load_config(d)
         files: dict[str, SafetensorsFile] = {}

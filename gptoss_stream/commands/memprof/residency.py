@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream import kernels
-from gptoss_stream.checkpoint import Checkpoint, TensorRange
+from gptoss_stream.engine import kernels
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.layouts.base import TensorRange
 
 PAGE_SIZE = kernels.PAGE_SIZE
 

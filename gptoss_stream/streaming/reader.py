@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gptoss_stream.checkpoint import TensorRange
+from gptoss_stream.weights.layouts.base import TensorRange
 
 # O_DIRECT needs file offset, length and buffer address aligned to the device's logical block size
 # (512 B here, 4 KiB on some disks); the page size satisfies every device.

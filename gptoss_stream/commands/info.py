@@ -23,8 +23,8 @@ def collect(disk_path: str = ".") -> dict:
     import numpy as np
     import psutil
 
-    from gptoss_stream import compute_path, kernels
-    from gptoss_stream.budget import available_memory, cgroup_memory_limit
+    from gptoss_stream.engine import compute_path, kernels
+    from gptoss_stream.streaming.budget import available_memory, cgroup_memory_limit
 
     flags = compute_path.cpu_flags()
     onednn = compute_path.onednn_info()
@@ -77,7 +77,7 @@ def collect(disk_path: str = ".") -> dict:
 
 
 def format_report(info: dict) -> str:
-    from gptoss_stream.budget import format_size
+    from gptoss_stream.streaming.budget import format_size
 
     cpu, path, dnn, mem, disk, sw = (info[k] for k in ("cpu", "compute_path", "onednn", "memory", "disk", "software"))
     has = " ".join(f for f, present in cpu["flags"].items() if present) or "-"
@@ -107,7 +107,7 @@ def format_report(info: dict) -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     if args.threads:
-        from gptoss_stream import kernels
+        from gptoss_stream.engine import kernels
         kernels.set_num_threads(args.threads)
     info = collect(args.path)
     if args.json:

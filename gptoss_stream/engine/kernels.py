@@ -11,7 +11,7 @@ import mmap
 
 import numpy as np
 
-from gptoss_stream import _lib, compute_path
+from gptoss_stream.engine import _lib, compute_path
 
 BF16 = np.uint16
 

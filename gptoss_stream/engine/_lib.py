@@ -12,7 +12,7 @@ import site
 import sys
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parents[1]  # the gptoss_stream package folder (this file is engine/_lib.py)
 _LIB_NAME = "libgptoss.so"
 
 GPTOSS_OK = 0
@@ -53,7 +53,7 @@ def _preload_onednn() -> None:
 def _find_library() -> Path:
     env = os.environ.get("GPTOSS_LIB")
     candidates = [Path(env)] if env else []
-    # Installed wheel: next to this file. Developer build: `cmake -S . -B build` in the source tree.
+    # Installed wheel: in the package folder (CMakeLists installs it there). Developer build: `cmake -S . -B build` in the source tree.
     candidates += [_HERE / _LIB_NAME, _HERE.parent / "build" / _LIB_NAME]
     # Running from a source checkout (e.g. the tests) with the package also pip-installed: use the
     # library that the install compiled.

@@ -1,17 +1,18 @@
 """The repacked checkpoint layout (SPEC §2c, docs/repacked-format.md): its definition and its reader.
 
 Published checkpoints spread one expert over six tensors far apart in the file, so fetching an expert
-costs six scattered reads. `gptoss repack` (repack.py) rewrites a checkpoint so that each expert's six
+costs six scattered reads. `gptoss repack` (weights/repack.py) rewrites a checkpoint so that each expert's six
 MXFP4 pieces lie back to back in one record whose offset and length are multiples of the alignment
 (4096 by default): one read per routed expert, O_DIRECT-able. Dense weights are grouped in the order
 the forward pass uses them. The shards stay ordinary safetensors files: alignment gaps are filled with
 U8 padding tensors, because safetensors requires the data section to be covered without holes. A
 manifest, gptoss-repack.json, gives the config, every record's place and sha256, and each shard's sha256.
 
-`RepackedCheckpoint` offers the API of checkpoint.Checkpoint (config, format, embedding(), layer(n),
+`RepackedCheckpoint` offers the API of published.PublishedCheckpoint (config, format, embedding(), layer(n),
 expert(layer, e), final_norm(), unembedding(), tensor(), tensor_range(), address(), files(), close());
-`Checkpoint.open` hands directories holding a manifest to it. The one difference: an expert's `ranges`
-is a single range covering its whole record (padding included), so a store reads it in one request.
+`open_checkpoint` (weights/checkpoint.py) hands directories holding a manifest to it. The one difference: an
+expert's `ranges` is a single range covering its whole record (padding included), so a store reads it in one
+request.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.safetensors_file import SafetensorsFile, TensorInfo, tensor_nbytes
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
+from gptoss_stream.weights.safetensors_file import SafetensorsFile, TensorInfo, tensor_nbytes
 
 FORMAT = "repacked"                # Checkpoint.format of a repacked checkpoint
 FORMAT_NAME = "gptoss-repacked"    # manifest "format"

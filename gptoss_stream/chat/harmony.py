@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from gptoss_stream.tokenizer import (
+from gptoss_stream.chat.tokenizer import (
     CALL,
     CHANNEL,
     CONSTRAIN,

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream import kernels
-from gptoss_stream.checkpoint import Checkpoint, LayerWeights
-from gptoss_stream.config import ModelConfig
-from gptoss_stream.experts import MappedExpertStore
-from gptoss_stream.kvcache import KVCache
+from gptoss_stream.engine import kernels
+from gptoss_stream.engine.kvcache import KVCache
+from gptoss_stream.streaming.experts import MappedExpertStore
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.layouts.base import LayerWeights
 
 BF16 = np.uint16
 SWIGLU_ALPHA = 1.702

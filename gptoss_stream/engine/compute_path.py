@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gptoss_stream import _lib
+from gptoss_stream.engine import _lib
 
 PATH_NAMES = ("scalar", "avx2", "avx512")
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gptoss_stream.kvcache import KVCache
-from gptoss_stream.model import Model
-from gptoss_stream.runstats import Probe
-from gptoss_stream.sampling import Sampler
+from gptoss_stream.engine.kvcache import KVCache
+from gptoss_stream.engine.model import Model
+from gptoss_stream.engine.sampling import Sampler
+from gptoss_stream.streaming.runstats import Probe
 
 
 def prefill(model: Model, cache: KVCache, tokens: list[int]) -> np.ndarray:

@@ -18,7 +18,8 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from gptoss_stream.checkpoint import Checkpoint, ExpertWeights
+from gptoss_stream.weights.checkpoint import Checkpoint
+from gptoss_stream.weights.layouts.base import ExpertWeights
 
 
 @dataclass
