@@ -58,13 +58,44 @@ def tiny_model(tiny_original):
     return Model(Checkpoint.open(tiny_original), max_chunk=64)
 
 
+# A router "near-tie": the k-th and (k+1)-th router logits of the reference within this many bf16 ulps of the
+# row's largest logit (the router's inputs carry the rounding noise of every layer before, which scales with
+# the row, not with the k-th logit). Where they are that close, fp32 summation order alone (oneDNN's blocking,
+# AMX, the fp32 path) decides which expert wins, in any correct implementation.
+NEAR_TIE_ULPS = 8
+
+
+def assert_routing_differs_only_at_near_ties(our_picks, ref_routes, k: int) -> np.ndarray:
+    """Positions where our experts differ from the reference's (any layer); each must be a near-tie of the
+    reference's router logits, and they must be rare. Returns the mask of those positions."""
+    differs = np.zeros(len(our_picks[0]), dtype=bool)
+    for layer, (indices, _, logits) in enumerate(ref_routes):
+        here = (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
+        for pos in np.flatnonzero(here):
+            top = np.sort(logits[pos])[::-1]
+            ulp = 2.0 ** (np.floor(np.log2(max(np.abs(top).max(), 2.0**-126))) - 7)
+            assert top[k - 1] - top[k] <= NEAR_TIE_ULPS * ulp, (
+                f"layer {layer} position {pos}: routing differs but the reference's k-th/(k+1)-th router "
+                f"logits {top[k - 1]}, {top[k]} are no near-tie")
+        differs |= here
+    assert differs.mean() <= 0.05, f"routing differs at {differs.sum()} of {len(differs)} positions"
+    return differs
+
+
 @pytest.mark.parametrize("length", [1, 17, 300])
 def test_logits_match_numpy_reference(tiny_model, length):
+    """Our logits against the reference's with our routing replayed in it (positions after a router near-tie
+    would otherwise carry a different expert's output, legitimately far off): every position within the
+    bound. The reference's own routing differs from ours only at near-ties."""
     tokens = prompt(length)
-    ours = tiny_model.forward(tokens, tiny_model.new_cache(512), all_logits=True)
-    theirs = ref.forward(tiny_model.checkpoint, tokens)
+    ours, our_picks = routed_experts(tiny_model, tokens)
+    ref_routes: list = []
+    ref.forward_layers(tiny_model.checkpoint, tokens, routes=ref_routes)
+    differs = assert_routing_differs_only_at_near_ties(our_picks, ref_routes, tiny_model.config.experts_per_token)
+    theirs = ref.forward(tiny_model.checkpoint, tokens, forced=our_picks)
     err = relative_error(ours, theirs)
-    print(f"T={length}: max|Δlogit|/std = {err:.4f}")
+    print(f"T={length}: max|Δlogit|/std = {err:.4f} (routing replayed; it differs at near-ties at "
+          f"{np.flatnonzero(differs).tolist()})")
     assert err < NUMPY_BOUND
     assert_greedy_agrees(ours, theirs, NUMPY_BOUND)
 
