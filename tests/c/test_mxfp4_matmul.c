@@ -155,33 +155,38 @@ static void check_matmul(const char *what, const gptoss_bf16 *x, size_t m, size_
     }
 }
 
-static void test_matmul_bf16(void) {
-    enum { M = 5, K = 96, N = 37, LDX = 101, LDY = 40 };
-    gptoss_bf16 x[M * LDX], w[N * K], bias[N];
-    for (int i = 0; i < M * LDX; i++) x[i] = random_bf16();
+/* m rows of x: on the fp32 paths m <= 8 runs gemv.c's register kernels, more runs fp32 oneDNN tiles. */
+static void test_matmul_bf16(int m) {
+    enum { MAX_M = 12, K = 96, N = 37, LDX = 101, LDY = 40 };
+    gptoss_bf16 x[MAX_M * LDX], w[N * K], bias[N];
+    for (int i = 0; i < MAX_M * LDX; i++) x[i] = random_bf16();
     for (int i = 0; i < N * K; i++) w[i] = random_bf16();
     for (int i = 0; i < N; i++) bias[i] = random_bf16();
 
+    gptoss_matmul_cache_clear();
     for (int threads = 1; threads <= 2; threads++) {
         gptoss_set_num_threads(threads);
-        float yf[M * LDY];
-        gptoss_bf16 yb[M * LDY];
-        for (int i = 0; i < M * LDY; i++) yf[i] = -1234.5f, yb[i] = 0x7f7f;
-        EXPECT_STATUS(gptoss_matmul_bf16(x, M, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32), GPTOSS_OK);
-        check_matmul("f32 out, bias, strided", x, M, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32);
-        EXPECT_STATUS(gptoss_matmul_bf16(x, M, K, LDX, w, N, NULL, yb, LDY, GPTOSS_DTYPE_BF16), GPTOSS_OK);
-        check_matmul("bf16 out, no bias, strided", x, M, K, LDX, w, N, NULL, yb, LDY, GPTOSS_DTYPE_BF16);
-        for (int i = 0; i < M; i++)
-            for (int j = N; j < LDY; j++) {
-                CHECK(yf[i * LDY + j] == -1234.5f, "f32 matmul wrote into the row padding at [%d, %d]", i, j);
-                CHECK(yb[i * LDY + j] == 0x7f7f, "bf16 matmul wrote into the row padding at [%d, %d]", i, j);
+        float yf[MAX_M * LDY];
+        gptoss_bf16 yb[MAX_M * LDY];
+        for (int i = 0; i < MAX_M * LDY; i++) yf[i] = -1234.5f, yb[i] = 0x7f7f;
+        EXPECT_STATUS(gptoss_matmul_bf16(x, m, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32), GPTOSS_OK);
+        check_matmul("f32 out, bias, strided", x, m, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32);
+        EXPECT_STATUS(gptoss_matmul_bf16(x, m, K, LDX, w, N, NULL, yb, LDY, GPTOSS_DTYPE_BF16), GPTOSS_OK);
+        check_matmul("bf16 out, no bias, strided", x, m, K, LDX, w, N, NULL, yb, LDY, GPTOSS_DTYPE_BF16);
+        for (int i = 0; i < MAX_M; i++)
+            for (int j = i < m ? N : 0; j < LDY; j++) {
+                CHECK(yf[i * LDY + j] == -1234.5f, "f32 matmul wrote outside y at [%d, %d]", i, j);
+                CHECK(yb[i * LDY + j] == 0x7f7f, "bf16 matmul wrote outside y at [%d, %d]", i, j);
             }
     }
     gptoss_set_num_threads(0);
     size_t cached = gptoss_matmul_cache_size();
-    CHECK(cached == 4, "4 shapes x threads were used, cache holds %zu", cached);
-    float yf[M * LDY];
-    EXPECT_STATUS(gptoss_matmul_bf16(x, M, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32), GPTOSS_OK);
+    if (gptoss_get_isa() == GPTOSS_ISA_AVX512)
+        CHECK(cached == 4, "4 shapes x threads were used, cache holds %zu", cached);
+    else if (m <= 8)
+        CHECK(cached == 0, "the fp32 path's register kernel needs no oneDNN primitive, cache holds %zu", cached);
+    float yf[MAX_M * LDY];
+    EXPECT_STATUS(gptoss_matmul_bf16(x, m, K, LDX, w, N, bias, yf, LDY, GPTOSS_DTYPE_F32), GPTOSS_OK);
     CHECK(gptoss_matmul_cache_size() == cached, "a repeated shape must reuse its primitive");
 }
 
@@ -206,10 +211,10 @@ static void test_matmul_bf16_bad_input(void) {
     for (int i = 0; i < 16; i++) CHECK(y[i] == 0x1234, "a rejected matmul wrote y[%d]", i);
 }
 
-static void test_matmul_mxfp4(void) {
-    enum { M = 3, K = 128, N = 100, LDY = 107, BPR = K / 32 };
+static void test_matmul_mxfp4(int M) {
+    enum { MAX_M = 11, K = 128, N = 100, LDY = 107, BPR = K / 32 };
     static uint8_t blocks[N * BPR * 16], scales[N * BPR];
-    static gptoss_bf16 x[M * K], w[N * K], bias[N], scratch[3 * 64 * K], y[M * LDY];
+    static gptoss_bf16 x[MAX_M * K], w[N * K], bias[N], scratch[3 * 64 * K], y[MAX_M * LDY];
     for (size_t i = 0; i < sizeof blocks; i++) blocks[i] = (uint8_t)next_random();
     for (size_t i = 0; i < sizeof scales; i++) scales[i] = (uint8_t)(123 + next_random() % 6);
     for (int i = 0; i < M * K; i++) x[i] = random_bf16();
@@ -228,8 +233,8 @@ static void test_matmul_mxfp4(void) {
                                                   cases[c][1], cases[c][0]),
                               GPTOSS_OK);
                 char what[96];
-                snprintf(what, sizeof what, "mxfp4 tile %zu scratch %zu threads %d bias %d", cases[c][0], cases[c][1],
-                         threads, with_bias);
+                snprintf(what, sizeof what, "mxfp4 m %d tile %zu scratch %zu threads %d bias %d", M, cases[c][0],
+                         cases[c][1], threads, with_bias);
                 check_matmul(what, x, M, K, K, w, N, with_bias ? bias : NULL, y, LDY, GPTOSS_DTYPE_BF16);
                 for (int i = 0; i < M; i++)
                     for (int j = N; j < LDY; j++) CHECK(y[i * LDY + j] == 0x7f7f, "%s: wrote padding", what);
@@ -281,10 +286,16 @@ int main(void) {
     EXPECT_STATUS(gptoss_set_isa(best), GPTOSS_OK);
     test_dequant_parallel();
     test_dequant_bad_input();
-    test_matmul_bf16();
-    test_matmul_bf16_bad_input();
-    test_matmul_mxfp4();
-    test_matmul_mxfp4_bad_input();
+    /* Every compute path: bf16 oneDNN (AVX-512 BF16); fp32 register kernels (m <= 8) and fp32 tiles. */
+    for (int isa = GPTOSS_ISA_SCALAR; isa <= best; isa++) {
+        EXPECT_STATUS(gptoss_set_isa(isa), GPTOSS_OK);
+        const int ms[] = {1, 2, 3, 4, 5, 8, 9, 12};
+        for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++) test_matmul_bf16(ms[i]);
+        test_matmul_bf16_bad_input();
+        for (int m = 1; m <= 11; m += 2) test_matmul_mxfp4(m);
+        test_matmul_mxfp4_bad_input();
+    }
+    EXPECT_STATUS(gptoss_set_isa(best), GPTOSS_OK);
     gptoss_matmul_cache_clear();
     CHECK(gptoss_matmul_cache_size() == 0, "cache not empty after clear");
     if (failures) {
