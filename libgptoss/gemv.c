@@ -183,6 +183,60 @@ __attribute__((target("avx2,fma"))) static void mxfp4_rows_avx2_dispatch(const f
 #undef CASE
 }
 
+/* ---------------------------------------------------------------- MXFP4, fused (AVX-512 BF16) */
+
+/*
+ * The bf16 path's decode: each block becomes its 32 exact bf16 values with one VPERMW on the block's row of
+ * mxfp4.c's table (as dequant_avx512 does), and VDPBF16PS multiplies them with 32 bf16 values of x into 16
+ * fp32 sums, with no bf16 copy of W written anywhere. This is the same instruction oneDNN's bf16 matmuls use.
+ */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) static inline __m512i
+mxfp4_block_bf16_avx512(const uint8_t *q, uint8_t scale) {
+    const __m512i nibbles = _mm512_set1_epi32(0x000f000f);
+    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), nibbles, 0xa8); /* (a | b) & c */
+    __m256i table = _mm256_load_si256((const __m256i *)gptoss_mxfp4_bf16_lut[scale]);
+    return _mm512_permutexvar_epi16(idx, _mm512_zextsi256_si512(table));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline float hsum_avx512(__m512 v) {
+    return _mm512_reduce_add_ps(v);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) static inline void
+mxfp4_rows_avx512(const gptoss_bf16 *x, size_t k, size_t ldx, const int M, const uint8_t *blocks,
+                  const uint8_t *scales, const int R, float *sums) {
+    size_t blocks_per_row = k / BLOCK_VALUES;
+    __m512 acc[GEMV_MAX_ROWS][4];
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
+    for (size_t b = 0; b < blocks_per_row; b++) {
+        __m512i w[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *q = blocks + ((size_t)r * blocks_per_row + b) * BLOCK_BYTES;
+            if (b % 4 == 0) _mm_prefetch((const char *)q + PREFETCH_BYTES, _MM_HINT_T0);
+            w[r] = mxfp4_block_bf16_avx512(q, scales[(size_t)r * blocks_per_row + b]);
+        }
+        for (int t = 0; t < M; t++) {
+            __m512i xv = _mm512_loadu_si512(x + (size_t)t * ldx + b * BLOCK_VALUES);
+            for (int r = 0; r < R; r++)
+                acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)xv, (__m512bh)w[r]);
+        }
+    }
+    for (int t = 0; t < M; t++)
+        for (int r = 0; r < R; r++) sums[t * R + r] = hsum_avx512(acc[t][r]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void mxfp4_rows_avx512_dispatch(
+    const gptoss_bf16 *x, size_t k, size_t ldx, int M, const uint8_t *blocks, const uint8_t *scales, int R,
+    float *sums) {
+#define CASE(m, r) \
+    if (M == m && R == r) { mxfp4_rows_avx512(x, k, ldx, m, blocks, scales, r, sums); return; }
+    CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+    CASE(3, 1) CASE(3, 2) CASE(4, 1) CASE(4, 2) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
+#undef CASE
+}
+
 int gptoss_gemv_mxfp4_deinterleaved(void) { return gptoss_get_isa() >= GPTOSS_ISA_AVX2; }
 
 /* ---------------------------------------------------------------- row loops */
@@ -244,6 +298,20 @@ void gptoss_gemv_mxfp4_rows(const float *x, size_t m, size_t k, const uint8_t *b
             }
             dot_rows(x + c0, k, (int)m, rows, R, len, sums);
         }
+        store(sums, (int)m, R, r, bias, y, ldy, GPTOSS_DTYPE_BF16);
+    }
+}
+
+void gptoss_gemv_mxfp4_rows_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const uint8_t *blocks,
+                                 const uint8_t *scales, const gptoss_bf16 *bias, size_t r0, size_t r1,
+                                 gptoss_bf16 *y, size_t ldy) {
+    size_t blocks_per_row = k / BLOCK_VALUES;
+    int step = rows_per_step(m);
+    for (size_t r = r0; r < r1; r += (size_t)step) {
+        int R = r1 - r < (size_t)step ? (int)(r1 - r) : step;
+        float sums[GEMV_MAX_ROWS * 4];
+        mxfp4_rows_avx512_dispatch(x, k, ldx, (int)m, blocks + r * blocks_per_row * BLOCK_BYTES,
+                                   scales + r * blocks_per_row, R, sums);
         store(sums, (int)m, R, r, bias, y, ldy, GPTOSS_DTYPE_BF16);
     }
 }

@@ -16,6 +16,8 @@ int gptoss_sync_threads(void);
 /* mxfp4.c: validated once per matmul by the caller, then called per tile; single-threaded. */
 void gptoss_dequantize_mxfp4_unchecked(const uint8_t *blocks, const uint8_t *scales, size_t blocks_per_row,
                                         size_t row_begin, size_t row_end, gptoss_bf16 *out);
+/* mxfp4.c: [scale][code] -> bf16 bits of the MXFP4 value (exact), built at load time, read-only after. */
+extern uint16_t gptoss_mxfp4_bf16_lut[256][16];
 /* mxfp4.c: n_blocks consecutive blocks, unchecked, single-threaded. */
 void gptoss_dequantize_mxfp4_blocks(const uint8_t *blocks, const uint8_t *scales, size_t n_blocks,
                                     gptoss_bf16 *out);
@@ -28,6 +30,11 @@ void gptoss_gemv_bf16_rows(const float *x, size_t m, size_t k, const gptoss_bf16
                            size_t r0, size_t r1, void *y, size_t ldy, int y_dtype);
 void gptoss_gemv_mxfp4_rows(const float *x, size_t m, size_t k, const uint8_t *blocks, const uint8_t *scales,
                             const gptoss_bf16 *bias, size_t r0, size_t r1, gptoss_bf16 *y, size_t ldy);
+/* gemv.c, AVX-512 BF16 path: the same product from bf16 x (row stride ldx), blocks decoded to bf16 in
+ * registers (VPERMW on the table above) and multiplied with VDPBF16PS. */
+void gptoss_gemv_mxfp4_rows_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const uint8_t *blocks,
+                                 const uint8_t *scales, const gptoss_bf16 *bias, size_t r0, size_t r1,
+                                 gptoss_bf16 *y, size_t ldy);
 /* Whether gptoss_gemv_mxfp4_rows wants x with each 32-value block deinterleaved: x[32b + 2j] at 32b + j
  * and x[32b + 2j + 1] at 32b + 16 + j (the order its AVX2 loop decodes the weights in). */
 int gptoss_gemv_mxfp4_deinterleaved(void);

@@ -369,15 +369,19 @@ static int widen_x(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, int dei
     return GPTOSS_OK;
 }
 
+/* Rows of W per thread for gemv.c's kernels: whole groups of 4 (every thread runs the register-blocked
+ * loop), one thread for small products. Returns the number of parts. */
+static size_t gemv_split(size_t n, size_t k, size_t *per) {
+    size_t threads = (size_t)gptoss_get_num_threads();
+    if (n * k < GEMV_PARALLEL_MIN_WEIGHTS) threads = 1;
+    *per = ((n + threads - 1) / threads + 3) / 4 * 4;
+    return (n + *per - 1) / *per;
+}
+
 /* m <= GEMV_MAX_ROWS: gemv.c's kernels, rows of W shared out between threads. Caller holds matmul_lock. */
 static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gptoss_bf16 *bias, void *y,
                     size_t ldy, int y_dtype) {
-    size_t threads = (size_t)gptoss_get_num_threads();
-    if (n * k < GEMV_PARALLEL_MIN_WEIGHTS) threads = 1;
-    /* Whole groups of 4 rows per thread, so every thread runs the register-blocked loop. */
-    size_t per = (n + threads - 1) / threads;
-    per = (per + 3) / 4 * 4;
-    size_t parts = (n + per - 1) / per;
+    size_t per, parts = gemv_split(n, k, &per);
     #pragma omp parallel for num_threads((int)parts) schedule(static) if (parts > 1)
     for (size_t p = 0; p < parts; p++) {
         size_t r0 = p * per, r1 = r0 + per < n ? r0 + per : n;
@@ -549,6 +553,17 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
         int status = f32_matmul(x, m, k, k, &wr, n, bias, y, ldy, GPTOSS_DTYPE_BF16);
         pthread_mutex_unlock(&matmul_lock);
         return status;
+    }
+
+    if (m <= GEMV_MAX_ROWS) {
+        /* Few rows: decode each block in registers and VDPBF16PS it (gemv.c), W read once, no tile. */
+        size_t per, parts = gemv_split(n, k, &per);
+        #pragma omp parallel for num_threads((int)parts) schedule(static) if (parts > 1)
+        for (size_t p = 0; p < parts; p++) {
+            size_t r0 = p * per, r1 = r0 + per < n ? r0 + per : n;
+            gptoss_gemv_mxfp4_rows_bf16(x, m, k, k, blocks, scales, bias, r0, r1, y, ldy);
+        }
+        return GPTOSS_OK;
     }
 
     /* Primitives for a full tile and for the last (possibly shorter) one. */

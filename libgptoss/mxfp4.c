@@ -30,8 +30,10 @@ enum { PREFETCH_BYTES = 8192, SCALES_PREFETCH_BYTES = 256 };
 /* Below this much bf16 output, threads cost more to wake than they save (~10 us of work at 20 GB/s). */
 #define PARALLEL_MIN_OUTPUT_BYTES ((size_t)256 * 1024)
 
-/* lut[scale][code] = bf16 bits of FP4[code] * 2^(scale - 127); 8 KiB, hot rows stay in L1. */
-static _Alignas(64) uint16_t lut[256][16];
+/* lut[scale][code] = bf16 bits of FP4[code] * 2^(scale - 127); 8 KiB, hot rows stay in L1. Shared with
+ * gemv.c (internal.h), which decodes blocks the same way. */
+_Alignas(64) uint16_t gptoss_mxfp4_bf16_lut[256][16];
+#define lut gptoss_mxfp4_bf16_lut
 
 /*
  * bf16 bits of +mant * 2^e2 for mant in 1..15 and e2 >= -128 (all MXFP4 needs). Such a value has at most
