@@ -4,8 +4,10 @@ Tolerances. Both references and the engine round activations to bf16 between ops
 same points (docs/reference-notes.md): each disagreement is one bf16 rounding (relative 2^-9) of some
 intermediate, and a few such differences per layer propagate to the logits as noise much smaller than the
 logits' own spread. We bound max |Δlogit| by a fraction of the standard deviation of the reference logits
-(the scale that decides which token wins), and require the greedy choice to agree wherever the reference's
-top-2 margin is larger than that bound (a smaller margin is a genuine tie at bf16 precision).
+(the scale that decides which token wins), and the median over positions of each position's max |Δlogit| by
+half of that: a few flipped roundings may reach the bound at some positions, but a systematic error (a
+wrong epsilon, a rounding point moved everywhere) lifts every position. No separate check that the greedy
+choice agrees where the reference's top-2 margin exceeds twice the bound: the bound already implies it.
 """
 
 from __future__ import annotations
@@ -40,17 +42,13 @@ def prompt(n: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, 199_998, size=n).tolist()
 
 
+def position_errors(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """max |Δlogit| of each position, in units of the std of all reference logits."""
+    return np.abs(ours - theirs).max(axis=-1) / np.std(theirs)
+
+
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.max(np.abs(ours - theirs)) / np.std(theirs))
-
-
-def assert_greedy_agrees(ours: np.ndarray, theirs: np.ndarray, bound: float) -> None:
-    """Argmax equal on every row whose reference top-2 margin exceeds the error bound."""
-    top2 = np.sort(theirs, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    decisive = margin > 2 * bound * np.std(theirs)
-    agree = np.argmax(ours, axis=-1) == np.argmax(theirs, axis=-1)
-    assert agree[decisive].all(), f"greedy token differs at rows {np.flatnonzero(decisive & ~agree)}"
+    return float(position_errors(ours, theirs).max())
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +61,10 @@ def test_logits_match_numpy_reference(tiny_model, length):
     tokens = prompt(length)
     ours = tiny_model.forward(tokens, tiny_model.new_cache(512), all_logits=True)
     theirs = ref.forward(tiny_model.checkpoint, tokens)
-    err = relative_error(ours, theirs)
-    print(f"T={length}: max|Δlogit|/std = {err:.4f}")
-    assert err < NUMPY_BOUND
-    assert_greedy_agrees(ours, theirs, NUMPY_BOUND)
+    rows = position_errors(ours, theirs)
+    print(f"T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f}")
+    assert rows.max() < NUMPY_BOUND
+    assert np.median(rows) < NUMPY_BOUND / 2
 
 
 def test_decode_matches_full_recompute(tiny_model):
@@ -156,14 +154,13 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
         routing_differs = np.zeros(length, dtype=bool)
         for layer, (indices, _, _) in enumerate(hf_routes):
             routing_differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
-        rows = np.abs(ours - theirs).max(axis=-1) / np.std(theirs)
+        rows = position_errors(ours, theirs)
         print(f"vs transformers, T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, "
               f"max {rows.max():.4f}; routing differs at {routing_differs.sum()} positions, "
               f"max where it agrees {rows[~routing_differs].max():.4f}")
         assert np.median(rows) < HF_BOUND / 2
         assert rows[~routing_differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~routing_differs)
         assert routing_differs.mean() <= 0.1
-        assert_greedy_agrees(ours[~routing_differs], theirs[~routing_differs], HF_BOUND)
     # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
     import compare_reference
 
