@@ -67,6 +67,38 @@ def test_logits_match_numpy_reference(tiny_model, length):
     assert np.median(rows) < NUMPY_BOUND / 2
 
 
+# The tiny checkpoint's largest mlp1 output is ~5, below gpt-oss's SwiGLU limit of 7, so there the clamp
+# never acts. This copy has the same weights and a config limit of 2.0, which engine and reference both read:
+# ~1% of the gate and ~2% of the linear halves get clamped, so a clamp missing or misplaced moves the logits.
+CLAMP_LIMIT = 2.0
+
+
+@pytest.fixture(scope="module")
+def clamp_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swiglu_clamp")
+    make_checkpoint(root, ModelConfig.preset("tiny").with_overrides(swiglu_limit=CLAMP_LIMIT), seed=0,
+                    progress=False)
+    return Model(Checkpoint.open(root), max_chunk=64)
+
+
+def test_logits_match_numpy_reference_where_swiglu_clamps(clamp_model, monkeypatch):
+    inputs = []
+    swiglu = ref.swiglu
+    monkeypatch.setattr(ref, "swiglu", lambda h, limit, *a: inputs.append(h) or swiglu(h, limit, *a))
+    tokens = prompt(64, seed=6)
+    theirs = ref.forward(clamp_model.checkpoint, tokens)
+    ours = clamp_model.forward(tokens, clamp_model.new_cache(64), all_logits=True)
+    glu = np.concatenate([h[..., 0::2].ravel() for h in inputs])
+    lin = np.concatenate([h[..., 1::2].ravel() for h in inputs])
+    print(f"clamped: gate {np.mean(glu > CLAMP_LIMIT):.2%}, linear {np.mean(np.abs(lin) > CLAMP_LIMIT):.2%}")
+    assert np.mean(glu > CLAMP_LIMIT) > 0.002 and np.mean(lin > CLAMP_LIMIT) > 0.002
+    assert np.mean(lin < -CLAMP_LIMIT) > 0.002
+    rows = position_errors(ours, theirs)
+    print(f"max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f}")
+    assert rows.max() < NUMPY_BOUND
+    assert np.median(rows) < NUMPY_BOUND / 2
+
+
 def test_decode_matches_full_recompute(tiny_model):
     """Prefill + one-token decode steps (KV cache, sliding rings wrapping past 128) equal a single pass."""
     tokens = prompt(200, seed=2)
