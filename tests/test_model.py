@@ -29,10 +29,12 @@ from gptoss_stream.sampling import Sampler, SamplingParams
 from gptoss_stream.synthetic import make_checkpoint
 
 # max |Δlogit| / std(reference logits) allowed against each reference. Measured on the tiny checkpoint: the
-# engine equals the numpy reference bit for bit until one bf16 rounding flips (e.g. at token 29 of a
-# 300-token prompt), then attention carries that one-ulp difference to later tokens and the max over all
-# 201088 x 300 logits reaches ~0.05 std. transformers rounds at more points (bf16 RoPE tables, scores,
-# softmax, per-expert bf16 accumulation): ~0.05-0.12 std from the first token on.
+# engine's layers equal the numpy reference's within half a bf16 ulp (the logits then differ by fp32 sum
+# order only, ~1e-6 std) until one bf16 rounding flips; attention carries that difference to later tokens:
+# over 300 tokens the median position reaches 0.035 std and the max 0.07, except at the 6 positions where
+# the flip turns a router near-tie the other way (up to 0.25 std), which are excluded as against
+# transformers. transformers rounds at more points (bf16 RoPE tables, scores, softmax, per-expert bf16
+# accumulation): ~0.05-0.12 std from the first token on.
 NUMPY_BOUND = 0.1
 HF_BOUND = 0.25
 
@@ -59,11 +61,17 @@ def tiny_model(tiny_original):
 @pytest.mark.parametrize("length", [1, 17, 300])
 def test_logits_match_numpy_reference(tiny_model, length):
     tokens = prompt(length)
-    ours = tiny_model.forward(tokens, tiny_model.new_cache(512), all_logits=True)
-    theirs = ref.forward(tiny_model.checkpoint, tokens)
+    ours, our_picks = routed_experts(tiny_model, tokens)
+    routes: list = []
+    theirs = ref.unembed(tiny_model.checkpoint, ref.forward_layers(tiny_model.checkpoint, tokens, routes=routes)[-1])
+    # As against transformers: one flipped rounding can turn a router near-tie the other way (6 of 300
+    # positions here, up to 0.25 std there); every other position must stay within the bound.
+    differs = routing_differs(our_picks, routes)
     rows = position_errors(ours, theirs)
-    print(f"T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f}")
-    assert rows.max() < NUMPY_BOUND
+    print(f"T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f}; routing "
+          f"differs at {differs.sum()} positions, max where it agrees {np.max(rows[~differs], initial=0):.4f}")
+    assert differs.sum() <= 0.05 * length, np.flatnonzero(differs)
+    assert rows[~differs].max() < NUMPY_BOUND, np.flatnonzero((rows >= NUMPY_BOUND) & ~differs)
     assert np.median(rows) < NUMPY_BOUND / 2
 
 
@@ -170,6 +178,15 @@ def routed_experts(model: Model, tokens: list[int]) -> tuple[np.ndarray, list[np
     return logits, [np.concatenate(picks[layer]) for layer in sorted(picks)]
 
 
+def routing_differs(our_picks: list[np.ndarray], their_routes: list) -> np.ndarray:
+    """Positions where, in some layer, the reference's router (its (indices, ...) per layer) picked another
+    set of experts than ours (sorted per token, as routed_experts records them)."""
+    differs = np.zeros(len(our_picks[0]), dtype=bool)
+    for layer, (indices, *_) in enumerate(their_routes):
+        differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
+    return differs
+
+
 def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
     from hf_reference import hf_generate_greedy, hf_hidden_states, load_hf_model, require_hf
 
@@ -183,16 +200,14 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
         # transformers rounds at more points, so where two experts' router logits nearly tie it sometimes
         # picks the other one (a few tokens in 300). Those positions' logits legitimately differ more; every
         # other position must stay within the bound.
-        routing_differs = np.zeros(length, dtype=bool)
-        for layer, (indices, _, _) in enumerate(hf_routes):
-            routing_differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
+        differs = routing_differs(our_picks, hf_routes)
         rows = position_errors(ours, theirs)
         print(f"vs transformers, T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, "
-              f"max {rows.max():.4f}; routing differs at {routing_differs.sum()} positions, "
-              f"max where it agrees {rows[~routing_differs].max():.4f}")
+              f"max {rows.max():.4f}; routing differs at {differs.sum()} positions, "
+              f"max where it agrees {rows[~differs].max():.4f}")
         assert np.median(rows) < HF_BOUND / 2
-        assert rows[~routing_differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~routing_differs)
-        assert routing_differs.mean() <= 0.1
+        assert rows[~differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~differs)
+        assert differs.mean() <= 0.1
     # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
     import compare_reference
 
