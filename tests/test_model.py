@@ -4,8 +4,10 @@ Tolerances. Both references and the engine round activations to bf16 between ops
 same points (docs/reference-notes.md): each disagreement is one bf16 rounding (relative 2^-9) of some
 intermediate, and a few such differences per layer propagate to the logits as noise much smaller than the
 logits' own spread. We bound max |Δlogit| by a fraction of the standard deviation of the reference logits
-(the scale that decides which token wins), and require the greedy choice to agree wherever the reference's
-top-2 margin is larger than that bound (a smaller margin is a genuine tie at bf16 precision).
+(the scale that decides which token wins), and the median over positions of each position's max |Δlogit| by
+half of that: a few flipped roundings may reach the bound at some positions, but a systematic error (a
+wrong epsilon, a rounding point moved everywhere) lifts every position. No separate check that the greedy
+choice agrees where the reference's top-2 margin exceeds twice the bound: the bound already implies it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.synthetic import make_checkpoint
 
 # max |Δlogit| / std(reference logits) allowed against each reference. Measured on the tiny checkpoint: the
-# engine equals the numpy reference bit for bit until one bf16 rounding flips (e.g. at token 29 of a
-# 300-token prompt), then attention carries that one-ulp difference to later tokens and the max over all
-# 201088 x 300 logits reaches ~0.05 std. transformers rounds at more points (bf16 RoPE tables, scores,
-# softmax, per-expert bf16 accumulation): ~0.05-0.12 std from the first token on.
+# engine's layers equal the numpy reference's within half a bf16 ulp (the logits then differ by fp32 sum
+# order only, ~1e-6 std) until one bf16 rounding flips; attention carries that difference to later tokens:
+# over 300 tokens the median position reaches 0.035 std and the max 0.07, except at the 6 positions where
+# the flip turns a router near-tie the other way (up to 0.25 std): there the reference replays our routing. transformers rounds at more points (bf16 RoPE tables, scores, softmax, per-expert bf16
+# accumulation): ~0.05-0.12 std from the first token on.
 NUMPY_BOUND = 0.1
 HF_BOUND = 0.25
 
@@ -40,17 +43,13 @@ def prompt(n: int, seed: int = 1) -> list[int]:
     return np.random.default_rng(seed).integers(0, 199_998, size=n).tolist()
 
 
+def position_errors(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """max |Δlogit| of each position, in units of the std of all reference logits."""
+    return np.abs(ours - theirs).max(axis=-1) / np.std(theirs)
+
+
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.max(np.abs(ours - theirs)) / np.std(theirs))
-
-
-def assert_greedy_agrees(ours: np.ndarray, theirs: np.ndarray, bound: float) -> None:
-    """Argmax equal on every row whose reference top-2 margin exceeds the error bound."""
-    top2 = np.sort(theirs, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    decisive = margin > 2 * bound * np.std(theirs)
-    agree = np.argmax(ours, axis=-1) == np.argmax(theirs, axis=-1)
-    assert agree[decisive].all(), f"greedy token differs at rows {np.flatnonzero(decisive & ~agree)}"
+    return float(position_errors(ours, theirs).max())
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +92,43 @@ def test_logits_match_numpy_reference(tiny_model, length):
     ref.forward_layers(tiny_model.checkpoint, tokens, routes=ref_routes)
     differs = assert_routing_differs_only_at_near_ties(our_picks, ref_routes, tiny_model.config.experts_per_token)
     theirs = ref.forward(tiny_model.checkpoint, tokens, forced=our_picks)
-    err = relative_error(ours, theirs)
-    print(f"T={length}: max|Δlogit|/std = {err:.4f} (routing replayed; it differs at near-ties at "
-          f"{np.flatnonzero(differs).tolist()})")
-    assert err < NUMPY_BOUND
-    assert_greedy_agrees(ours, theirs, NUMPY_BOUND)
+    rows = position_errors(ours, theirs)
+    print(f"T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f} "
+          f"(routing replayed; the reference's own differs at near-ties at {np.flatnonzero(differs).tolist()})")
+    assert rows.max() < NUMPY_BOUND, np.flatnonzero(rows >= NUMPY_BOUND)
+    assert np.median(rows) < NUMPY_BOUND / 2
+
+
+# The tiny checkpoint's largest mlp1 output is ~5, below gpt-oss's SwiGLU limit of 7, so there the clamp
+# never acts. This copy has the same weights and a config limit of 2.0, which engine and reference both read:
+# ~1% of the gate and ~2% of the linear halves get clamped, so a clamp missing or misplaced moves the logits.
+CLAMP_LIMIT = 2.0
+
+
+@pytest.fixture(scope="module")
+def clamp_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swiglu_clamp")
+    make_checkpoint(root, ModelConfig.preset("tiny").with_overrides(swiglu_limit=CLAMP_LIMIT), seed=0,
+                    progress=False)
+    return Model(Checkpoint.open(root), max_chunk=64)
+
+
+def test_logits_match_numpy_reference_where_swiglu_clamps(clamp_model, monkeypatch):
+    inputs = []
+    swiglu = ref.swiglu
+    monkeypatch.setattr(ref, "swiglu", lambda h, limit, *a: inputs.append(h) or swiglu(h, limit, *a))
+    tokens = prompt(64, seed=6)
+    theirs = ref.forward(clamp_model.checkpoint, tokens)
+    ours = clamp_model.forward(tokens, clamp_model.new_cache(64), all_logits=True)
+    glu = np.concatenate([h[..., 0::2].ravel() for h in inputs])
+    lin = np.concatenate([h[..., 1::2].ravel() for h in inputs])
+    print(f"clamped: gate {np.mean(glu > CLAMP_LIMIT):.2%}, linear {np.mean(np.abs(lin) > CLAMP_LIMIT):.2%}")
+    assert np.mean(glu > CLAMP_LIMIT) > 0.002 and np.mean(lin > CLAMP_LIMIT) > 0.002
+    assert np.mean(lin < -CLAMP_LIMIT) > 0.002
+    rows = position_errors(ours, theirs)
+    print(f"max|Δlogit|/std per position: median {np.median(rows):.4f}, max {rows.max():.4f}")
+    assert rows.max() < NUMPY_BOUND
+    assert np.median(rows) < NUMPY_BOUND / 2
 
 
 def test_decode_matches_full_recompute(tiny_model):
@@ -171,6 +202,15 @@ def routed_experts(model: Model, tokens: list[int]) -> tuple[np.ndarray, list[np
     return logits, [np.concatenate(picks[layer]) for layer in sorted(picks)]
 
 
+def routing_differs(our_picks: list[np.ndarray], their_routes: list) -> np.ndarray:
+    """Positions where, in some layer, the reference's router (its (indices, ...) per layer) picked another
+    set of experts than ours (sorted per token, as routed_experts records them)."""
+    differs = np.zeros(len(our_picks[0]), dtype=bool)
+    for layer, (indices, *_) in enumerate(their_routes):
+        differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
+    return differs
+
+
 def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
     from hf_reference import hf_generate_greedy, hf_hidden_states, load_hf_model, require_hf
 
@@ -184,17 +224,14 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
         # transformers rounds at more points, so where two experts' router logits nearly tie it sometimes
         # picks the other one (a few tokens in 300). Those positions' logits legitimately differ more; every
         # other position must stay within the bound.
-        routing_differs = np.zeros(length, dtype=bool)
-        for layer, (indices, _, _) in enumerate(hf_routes):
-            routing_differs |= (np.sort(indices, axis=1) != our_picks[layer]).any(axis=1)
-        rows = np.abs(ours - theirs).max(axis=-1) / np.std(theirs)
+        differs = routing_differs(our_picks, hf_routes)
+        rows = position_errors(ours, theirs)
         print(f"vs transformers, T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, "
-              f"max {rows.max():.4f}; routing differs at {routing_differs.sum()} positions, "
-              f"max where it agrees {rows[~routing_differs].max():.4f}")
+              f"max {rows.max():.4f}; routing differs at {differs.sum()} positions, "
+              f"max where it agrees {rows[~differs].max():.4f}")
         assert np.median(rows) < HF_BOUND / 2
-        assert rows[~routing_differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~routing_differs)
-        assert routing_differs.mean() <= 0.1
-        assert_greedy_agrees(ours[~routing_differs], theirs[~routing_differs], HF_BOUND)
+        assert rows[~differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~differs)
+        assert differs.mean() <= 0.1
     # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
     import compare_reference
 

@@ -2,8 +2,10 @@
 """Throughput of libgptoss's MXFP4 dequantization and oneDNN matmuls on this machine.
 
 Prints one table row per case: time per call (median over the repeats) and the rate, median and best.
-GEMV-shaped cases (M = 1) rotate over enough weight copies to exceed the last-level cache several times, so
-their numbers are memory bandwidth, not cache bandwidth. Rates:
+GEMV-shaped cases (M = 1) rotate over enough weight copies to exceed the last-level cache (its size read from
+/sys/devices/system/cpu/cpu0/cache) four times, so their numbers are memory bandwidth, not cache bandwidth.
+The first line names the CPU, the compute path (--isa NAME forces one, e.g. avx2 on an AVX-512 host) and the
+caches. Rates:
   dequant        GB/s of bf16 written (the kernel's output); "per core" divides by the thread count.
   matmul M=1     GB/s of bf16 weights read.
   matmul_mxfp4   GB/s of MXFP4 bytes read (blocks + scales), and the bf16-equivalent rate (k * n * 2 bytes).
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptoss_stream.engine import _lib, kernels  # noqa: E402
 
-LLC_BYTES = 32 << 20  # rotate over >= 4x this much weight data for memory-bound numbers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import add_isa_argument, last_level_cache_bytes, print_machine, use_isa  # noqa: E402
+
 SECTIONS = ("dequant", "gemv", "mxfp4", "gemm")
 
 
@@ -89,7 +93,8 @@ def random_mxfp4(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, 
 
 
 def copies_for(nbytes: int) -> int:
-    return max(1, -(-4 * LLC_BYTES // nbytes))
+    """Weight copies to rotate over so that a pass reads >= 4x the last-level cache."""
+    return max(1, -(-4 * last_level_cache_bytes() // nbytes))
 
 
 # ---------------------------------------------------------------- cases
@@ -207,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-rows", type=int, help="matmul_mxfp4 tile rows (default: the library's choice)")
     parser.add_argument("--scratch-tiles", type=int,
                         help="matmul_mxfp4 scratch size in tiles (default: one per thread; 1 = serial tiles)")
-    parser.add_argument("--isa", choices=["scalar", "avx2", "avx512"], help="force a kernel ISA (default: best)")
+    add_isa_argument(parser)
     args = parser.parse_args(argv)
 
-    if args.isa:
-        kernels.set_isa(args.isa)
+    use_isa(args.isa)
+    print_machine()
     rng = np.random.default_rng(0)
     print(f"isa {kernels.get_isa()}, threads {args.threads}; rates in 1e9 units per second")
     print(HEADER)

@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 from gptoss_stream.progress import format_bytes  # noqa: E402
 from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools"))
+from machine import print_machine  # noqa: E402
+
 DIRECT_ALIGN = 4096
 
 
@@ -117,6 +120,7 @@ def main() -> int:
     load = os.getloadavg()[0]
     if load > args.max_load:
         raise SystemExit(f"machine busy (load average {load:.2f} > --max-load {args.max_load}); try later")
+    print_machine()
     print(f"load average {load:.2f}, {os.cpu_count()} cpus")
     src_bytes = check_source(args.src)
 

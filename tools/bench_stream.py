@@ -8,8 +8,12 @@ Modes:
   policy  replays router traces (recorded from a checkpoint, or modelled) through cache policies at several
           cache sizes: hit rates of global LRU, per-layer LRU, per-layer LFU, and Belady's optimum.
   run     `gptoss generate` on a checkpoint inside cgroup v1 memory limits after dropping the page cache, plus
-          an --mmap-only baseline: decode/prefill tok/s, peak cgroup memory, RssAnon, bytes read per token,
-          hit rate. Needs root and cgroup v1 (/sys/fs/cgroup/memory). Valid numbers need a quiet machine.
+          an --mmap-only baseline: decode/prefill tok/s, peak cgroup memory, sampled peak RssAnon, bytes read
+          per token, hit rate. Both sides get the same prompt and the same --tokens, and the ratios of the
+          budget run to the baseline are printed per limit from this one run. Needs root and cgroup v1
+          (/sys/fs/cgroup/memory). Valid numbers need a quiet machine.
+
+Every mode first prints the CPU model, libgptoss's compute path and the caches.
 
 Examples:
   python3 tools/bench_stream.py read -m /work/ckpt/20b --experts 32
@@ -33,13 +37,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
 
 from gptoss_stream.commands.memprof.residency import evict_files  # noqa: E402
 from gptoss_stream.streaming.budget import size_argument  # noqa: E402
 from gptoss_stream.streaming.reader import FileReader, aligned_buffer, plan_record  # noqa: E402
 from gptoss_stream.streaming.runstats import process_read_bytes  # noqa: E402
 from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.weights.layouts.base import TensorRange  # noqa: E402
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, TensorRange  # noqa: E402
 
 MADV_POPULATE_READ = 22  # linux/mman.h (5.14+); Python 3.11's mmap module does not name it
 GB = 1e9
@@ -73,6 +78,7 @@ def read_by_faults(ck: Checkpoint, groups: list[list[list[TensorRange]]], advice
         f.close()
         maps[path] = (m, np.frombuffer(m, dtype=np.uint8))
     sink = 0
+    page = mmap.PAGESIZE
     for group in groups:  # one layer's experts
         if advice is not None:
             for ranges in group:
@@ -82,7 +88,10 @@ def read_by_faults(ck: Checkpoint, groups: list[list[list[TensorRange]]], advice
                     m.madvise(advice, start, r.offset + r.nbytes - start)
         for ranges in group:
             for r in ranges:
-                sink += int(maps[r.path][1][r.offset:r.offset + r.nbytes:mmap.PAGESIZE].sum())
+                # One byte in every page the range overlaps: its first byte, then each page start after it
+                # (a stride from r.offset would miss the last page when the range does not start on one).
+                pages = np.arange(r.offset - r.offset % page + page, r.offset + r.nbytes, page)
+                sink += int(maps[r.path][1][np.concatenate(([r.offset], pages))].sum())
     for m, arr in maps.values():
         del arr
     del maps
@@ -95,17 +104,19 @@ def read_by_pread(groups: list[list[list[TensorRange]]], direct: bool, threads: 
     reader = FileReader(direct=direct)
     records = [ranges for group in groups for ranges in group]
     if shape == "store":
-        records = [[r for r in ranges if r.nbytes > 64 * 1024] for ranges in records]
+        records = [[r for r, piece in zip(ranges, EXPERT_PIECES) if not piece.endswith("_bias")] for ranges in records]
     elif shape == "contiguous":
         records = [[TensorRange(ranges[0].path, ranges[0].offset, sum(r.nbytes for r in ranges))] for ranges in records]
     layouts = [plan_record(r) for r in records]
-    buffers = [aligned_buffer(max(l.nbytes for l in layouts), huge_pages=huge) for _ in range(threads)]
-    for b in buffers:
-        b[::4096] = 0  # fault the pages in first: a first touch is not part of a read (and is slow in a VM)
+    # As the engine's expert cache does on a cold start: one arena of slots, allocated here, each slot first
+    # touched by the read that fills it, so first-touch and huge-page costs are part of what is measured.
+    slot = max(l.nbytes for l in layouts)
+    slot += -slot % mmap.PAGESIZE
+    arena = aligned_buffer(slot * len(layouts), huge_pages=huge)
 
     def work(i: int) -> None:
         for j in range(i, len(layouts), threads):
-            reader.read_record(layouts[j], buffers[i])
+            reader.read_record(layouts[j], arena[j * slot:(j + 1) * slot])
 
     if threads == 1:
         work(0)
@@ -405,6 +416,20 @@ def run_child(args: argparse.Namespace) -> None:
     store.close()
 
 
+def print_ratios(limit_text: str, by_mode: dict[str, dict], args: argparse.Namespace) -> None:
+    """budget / mmap-only decode and prefill rates at one limit, from the rows of this run; only with equal
+    work on both sides (same prompt, same number of generated tokens)."""
+    budget, baseline = by_mode.get("budget"), by_mode.get("mmap-only")
+    if not budget or not baseline or "decode_tok_s" not in budget or "decode_tok_s" not in baseline:
+        return
+    if args.baseline_tokens != args.tokens:
+        print(f"{limit_text:>5s} no ratio: --baseline-tokens {args.baseline_tokens} != --tokens {args.tokens}")
+        return
+    print(f"{limit_text:>5s} budget / mmap-only: decode {budget['decode_tok_s'] / baseline['decode_tok_s']:.2f}x, "
+          f"prefill {budget['prefill_tok_s'] / baseline['prefill_tok_s']:.2f}x (same prompt, {args.tokens} tokens "
+          f"each, this run)", flush=True)
+
+
 def run_runs(args: argparse.Namespace) -> None:
     from cgroup_run import run_in_memory_cgroup
 
@@ -428,6 +453,7 @@ def run_runs(args: argparse.Namespace) -> None:
           flush=True)
     for limit_text in args.limits.split(","):
         limit = parse_size(limit_text)
+        by_mode = {}
         for mode in modes:
             tokens = args.baseline_tokens if mode == "mmap-only" else args.tokens
             if mode in ("budget", "mmap-only"):
@@ -444,7 +470,7 @@ def run_runs(args: argparse.Namespace) -> None:
             st = parse_stats(r.stderr)
             row = {"limit": limit_text, "mode": mode, "returncode": r.returncode, "oom": r.oom_killed,
                    "load_before": load, "seconds": r.seconds, "max_usage": r.max_usage,
-                   "peak_rss_anon": r.peak_rss_anon, "failcnt": r.failcnt, "stats": st}
+                   "sampled_peak_rss_anon": r.sampled_peak_rss_anon, "failcnt": r.failcnt, "stats": st}
             if st is None:
                 tail = "\n".join(r.stderr.strip().splitlines()[-5:])
                 print(f"{limit_text:>5s} {mode:9s} FAILED (exit {r.returncode}{', OOM-killed' if r.oom_killed else ''}):"
@@ -456,7 +482,7 @@ def run_runs(args: argparse.Namespace) -> None:
             cache_rss = 0
             if plan:
                 cache_rss = min(plan["expert_slots"], dec.get("reads", 0) + pre.get("reads", 0)) * plan["slot_bytes"]
-            outside = r.peak_rss_anon - cache_rss
+            outside = r.sampled_peak_rss_anon - cache_rss
             kv_full = kv_cache_nbytes(cfg, args.context, args.chunk)
             projected = outside - kv_in_use(cfg, st["prompt_tokens"] + steps, args.chunk) + kv_full
             row.update({
@@ -470,15 +496,17 @@ def run_runs(args: argparse.Namespace) -> None:
                 "rss_anon_outside_cache": outside, "rss_anon_outside_cache_at_full_context": projected,
             })
             rows.append(row)
+            by_mode[mode] = row
             hit = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.0%}+{row['prefetch_rate']:.0%}"
             acc = "-" if row["prediction_accuracy"] is None else f"{row['prediction_accuracy']:.0%}"
             print(f"{limit_text:>5s} {mode:9s} decode {row['decode_tok_s']:6.2f} tok/s  prefill {row['prefill_tok_s']:6.2f} "
-                  f"tok/s  peak group {format_size(r.max_usage):>11s}  peak RssAnon {format_size(r.peak_rss_anon):>11s} "
+                  f"tok/s  peak group {format_size(r.max_usage):>11s}  sampled peak RssAnon {format_size(r.sampled_peak_rss_anon):>11s} "
                   f"(outside cache {format_size(outside)}, at {args.context} ctx {format_size(projected)})  "
                   f"disk {row['disk_mb_per_token']:7.1f} MB/token (experts {row['expert_mb_per_token']:6.1f}, "
                   f"I/O busy {row['read_busy']:4.0%})  hit {hit:>7s}  guess {acc:>4s}  "
                   f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}",
                   flush=True)
+        print_ratios(limit_text, by_mode, args)
     print(f"# load at end {load_average():.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -520,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="budget,mmap-only",
                    help="budget (gptoss generate --ram-budget LIMIT), mmap-only (gptoss generate --mmap-only), or a "
                         "store variant run by this tool: " + ", ".join(VARIANTS))
-    p.add_argument("--tokens", type=int, default=32, help="tokens to generate with --ram-budget (default 32)")
-    p.add_argument("--baseline-tokens", type=int, default=8, help="tokens to generate with --mmap-only (default 8)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate in every mode (default 32)")
+    p.add_argument("--baseline-tokens", type=int, default=None,
+                   help="tokens to generate with --mmap-only (default: --tokens; any other value prints no ratio)")
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
@@ -542,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=run_child)
     args = parser.parse_args(argv)
+    if getattr(args, "baseline_tokens", 0) is None:
+        args.baseline_tokens = args.tokens
+    if args.mode != "child":
+        print_machine()
     args.func(args)
     return 0
 

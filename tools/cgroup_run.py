@@ -5,6 +5,10 @@ Needs root and the v1 memory controller at /sys/fs/cgroup/memory (what this mach
 cache a process fills is charged to its cgroup, so a capped run sees the same memory pressure a small
 machine would: what the limit cannot hold is re-read from disk.
 
+RssAnon has no kernel-kept peak, so it is sampled from /proc/<pid>/status every SAMPLE_SECONDS (10 ms):
+the figure is a sampled peak, which a spike shorter than that can exceed. The peak of all the group's memory
+(anonymous + page cache, memory.max_usage_in_bytes) is the kernel's own and misses nothing.
+
     python3 tools/cgroup_run.py 4G -- python3 -m gptoss_stream.commands.cli generate -m /work/ckpt/20b -p hi -n 8
 """
 
@@ -24,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptoss_stream.commands.memprof.residency import evict_files  # noqa: E402
 from gptoss_stream.streaming.budget import format_size, parse_size  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
+SAMPLE_SECONDS = 0.01  # one read of /proc/<pid>/status costs ~50 us: 0.5% of one core
 
 
 @dataclass
@@ -35,7 +43,7 @@ class CgroupRun:
     seconds: float
     limit: int
     max_usage: int        # memory.max_usage_in_bytes: peak of anonymous + page cache charged to the group
-    peak_rss_anon: int    # sampled from /proc/<pid>/status every 100 ms
+    sampled_peak_rss_anon: int  # largest RssAnon seen in /proc/<pid>/status, read every SAMPLE_SECONDS
     failcnt: int          # times the group hit its limit (reclaim happened)
     oom_killed: bool
 
@@ -101,7 +109,7 @@ def run_in_memory_cgroup(cmd: list[str], limit: int, cold: bool = True, env: dic
             nonlocal peak
             while not stop.is_set():
                 peak = max(peak, _rss_anon(child.pid))
-                stop.wait(0.1)
+                stop.wait(SAMPLE_SECONDS)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -117,7 +125,7 @@ def run_in_memory_cgroup(cmd: list[str], limit: int, cold: bool = True, env: dic
         return CgroupRun(
             returncode=child.returncode, stdout=out, stderr=err, seconds=seconds, limit=limit,
             max_usage=int((group / "memory.max_usage_in_bytes").read_text()),
-            peak_rss_anon=peak, failcnt=int((group / "memory.failcnt").read_text()),
+            sampled_peak_rss_anon=peak, failcnt=int((group / "memory.failcnt").read_text()),
             oom_killed=_oom_kills(group) > kills_before,
         )
     finally:
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", action="store_true", help="do not drop the page cache first")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command ...")
     args = p.parse_args(argv)
+    print_machine(sys.stderr)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         p.error("give a command after --")
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     print(f"[cgroup_run] limit {format_size(r.limit)}: exit {r.returncode}, {r.seconds:.1f} s, peak group memory "
-          f"{format_size(r.max_usage)}, peak RssAnon {format_size(r.peak_rss_anon)}, limit hit {r.failcnt} times"
+          f"{format_size(r.max_usage)}, sampled peak RssAnon (every {SAMPLE_SECONDS * 1e3:.0f} ms) "
+          f"{format_size(r.sampled_peak_rss_anon)}, limit hit {r.failcnt} times"
           f"{', OOM-killed' if r.oom_killed else ''}", file=sys.stderr)
     return r.returncode
 
