@@ -7,24 +7,11 @@ caches (from sysfs, not assumed).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 FALLBACK_LLC_BYTES = 32 << 20  # only when sysfs has no cache information
-
-
-def cpu_model() -> str:
-    """The CPU's name as /proc/cpuinfo gives it ("model name" on x86)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model name", "cpu model", "Processor"):
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _size_bytes(text: str) -> int:
@@ -68,15 +55,16 @@ def add_isa_argument(parser: argparse.ArgumentParser) -> None:
 def use_isa(name: str | None) -> None:
     """kernels.set_isa(name) when a name is given; call before any kernel runs."""
     if name:
-        from gptoss_stream import kernels
+        from gptoss_stream.engine import kernels
 
         kernels.set_isa(name)
 
 
 def machine_line() -> str:
-    from gptoss_stream import kernels
+    from gptoss_stream.engine import compute_path, kernels
 
-    return f"cpu: {cpu_model()}; libgptoss compute path: {kernels.get_isa()}; {describe_caches()}"
+    return (f"cpu: {compute_path.cpu_model()}; libgptoss compute path: {compute_path.selected()} "
+            f"(oneDNN {compute_path.onednn_info().isa}), {kernels.get_num_threads()} threads; {describe_caches()}")
 
 
 def print_machine(file=sys.stdout) -> None:
