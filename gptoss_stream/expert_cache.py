@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptoss_stream.checkpoint import ExpertWeights, TensorRange
-from gptoss_stream.experts import ExpertStats
+from gptoss_stream.experts import ExpertRequest, ExpertStats
 from gptoss_stream.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadJob, RecordLayout, aligned_buffer, \
     plan_record, prefault_page_cache
 
@@ -184,6 +184,7 @@ class StreamingExpertStore:
         self._plans: dict[tuple[int, int], _RecordPlan] = {}
         self._pending: list[tuple[int, int]] = []  # demanded misses still waiting for a slot
         self._guess: dict[int, set[int]] = {}
+        self._active: tuple[int, list[int]] | None = None  # the request not ended yet
         self._closed = False
         # replacement bookkeeping, per (layer, expert), resident or not
         self._tick = 0
@@ -200,11 +201,16 @@ class StreamingExpertStore:
 
     # ------------------------------------------------------------------ the model's side
 
-    def request(self, layer: int, experts: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Start reading the missing experts of `layer`; iterate to get each (valid until the next step)."""
+    def request(self, layer: int, experts: Iterable[int]) -> ExpertRequest:
+        """Start reading the missing experts of `layer`; iterate to get each (valid until the next step).
+
+        The request holds its experts (they cannot be evicted) until it is closed, or the next request is
+        made: a request that is dropped, or never iterated, cannot block the store."""
         experts = [int(e) for e in experts]
         with self._cv:
             self._check_open()
+            if self._active is not None:
+                self._release(*self._active)
             if layer == 0:
                 self.reader.check_sizes()  # once per forward: a shrunk file would SIGBUS the mapped dense weights
             self._tick += 1
@@ -239,7 +245,14 @@ class StreamingExpertStore:
                     self.stats.misses += 1
                     self._pending.append((layer, e))
             self._issue_pending()
-        return self._consume(layer, experts)
+            token = self._active = (layer, experts)
+
+        def end() -> None:
+            with self._cv:
+                if self._active is token:
+                    self._release(layer, experts)
+
+        return ExpertRequest(self._consume(layer, experts), on_close=end)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Guess: `layer` will want `experts` (most likely first). Read those not cached while slots allow.
@@ -288,12 +301,17 @@ class StreamingExpertStore:
             with self._cv:
                 if entry is not None and entry.pins:
                     entry.pins -= 1
-                for e in experts:
-                    other = self._layers[layer].get(e)
-                    if other is not None:
-                        other.wanted = False
-                self._pending = [p for p in self._pending if p[0] != layer]
-                self._cv.notify_all()
+                self._release(layer, experts)
+
+    def _release(self, layer: int, experts: list[int]) -> None:
+        """End a request: its experts become evictable again."""
+        for e in experts:
+            other = self._layers[layer].get(e)
+            if other is not None:
+                other.wanted = False
+        self._pending = [p for p in self._pending if p[0] != layer]
+        self._active = None
+        self._cv.notify_all()
 
     def _wait_ready(self, layer: int, e: int) -> _Entry:
         started: float | None = None

@@ -180,23 +180,24 @@ class Model:
         # M = (tokens routed to it) matmul. Experts come in sorted order whatever the store (the fp32 sum
         # below depends on the order); the store starts reading the missing ones now.
         flat = indices.reshape(-1)
-        routed = self.experts.request(layer, np.unique(flat))
-        if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
-            # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's likely
-            # experts while this layer computes.
-            self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
-        for expert, e in routed:
-            hits = np.flatnonzero(flat == expert)
-            rows = (hits // cfg.experts_per_token).astype(np.int32)
-            n = rows.size
-            xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
-                                                                                   out=s.gathered[:n])
-            # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
-            h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n])
-            a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
-            y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n])
-            # acc[token] += weight_e * y_e
-            kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
+        # The request ends with the `with`, whatever raises in between (a kernel error, Ctrl-C).
+        with self.experts.request(layer, np.unique(flat)) as routed:
+            if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
+                # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's
+                # likely experts while this layer computes.
+                self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
+            for expert, e in routed:
+                hits = np.flatnonzero(flat == expert)
+                rows = (hits // cfg.experts_per_token).astype(np.int32)
+                n = rows.size
+                xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
+                                                                                       out=s.gathered[:n])
+                # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
+                h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n])
+                a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
+                y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n])
+                # acc[token] += weight_e * y_e
+                kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
         # x = x + bf16(sum_e weight_e y_e)
         kernels.add_f32_(x, acc)
         if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:

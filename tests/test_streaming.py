@@ -401,3 +401,38 @@ def test_full_width_streamed_logits_are_bit_exact(tmp_path):
         assert store.stats.evictions > 0
     for a, b in zip(reference, streamed):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- issue 17: store bugs
+
+
+def test_a_request_that_is_never_iterated_does_not_hang_the_next(tiny_original):
+    """request() marks its experts wanted at once; a dropped (never started) request must not keep them."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        store.request(0, [0, 1])  # dropped without iterating
+        assert in_thread(lambda: request_all(store, 1, [2]), timeout=10) == [2]
+
+
+def test_an_error_between_request_and_the_loop_does_not_hang_the_model(tiny_original):
+    """Model.moe_block guesses the next layer's experts between request() and the loop (kernel calls that
+    may raise, or Ctrl-C): the next forward must still run."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        model = Model(ck, max_chunk=8, expert_store=store)
+        real = model.guess_experts
+        calls = []
+
+        def failing(layer, x):
+            calls.append(layer)
+            if layer == 2 and calls.count(2) == 1:  # in layer 1's MoE: layer 1's experts are marked
+                raise KeyboardInterrupt
+            return real(layer, x)
+
+        model.guess_experts = failing
+        cache = model.new_cache(64)
+        with pytest.raises(KeyboardInterrupt):
+            model.forward(prompt(8), cache)
+        reference = run(Model(ck, max_chunk=8), prompt(8, seed=9), prefill=8)
+        streamed = in_thread(lambda: run(model, prompt(8, seed=9), prefill=8), timeout=30)
+        assert np.array_equal(reference[0], streamed[0])
