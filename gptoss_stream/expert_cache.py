@@ -225,6 +225,7 @@ class StreamingExpertStore:
                     if entry.state == LOADING and self.io.cancel(entry.job):
                         self._remove(entry)
                         self._free.append(entry.slot)
+                        self.stats.prefetch_issued -= 1  # never read: not a prefetch after all
                     else:
                         self._stale[entry] = None
             self._pending = []

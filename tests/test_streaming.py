@@ -436,3 +436,31 @@ def test_an_error_between_request_and_the_loop_does_not_hang_the_model(tiny_orig
         reference = run(Model(ck, max_chunk=8), prompt(8, seed=9), prefill=8)
         streamed = in_thread(lambda: run(model, prompt(8, seed=9), prefill=8), timeout=30)
         assert np.array_equal(reference[0], streamed[0])
+
+
+def hold_reads(store):
+    """Hold the I/O thread inside its next read until the returned gate is set (returns gate, started)."""
+    gate, started = threading.Event(), threading.Event()
+    read = store.io.reader.read_record
+
+    def slow_read(layout, buffer):
+        started.set()
+        gate.wait(30)
+        return read(layout, buffer)
+
+    store.io.reader.read_record = slow_read
+    return gate, started, lambda: setattr(store.io.reader, "read_record", read)
+
+
+def test_a_rejected_guess_cancelled_by_request_is_not_counted_as_a_prefetch(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        gate, started, restore = hold_reads(store)
+        store.prefetch(1, [4, 5])
+        assert started.wait(30)  # 4 is being read, 5 is queued
+        restore()
+        gate.set()
+        request_all(store, 1, [6])  # the router took neither: 5's read is cancelled, it was never a prefetch
+        assert store.wait_idle(30)
+        s = store.stats
+        assert (s.prefetch_issued, s.prefetch_used) == (1, 0)
