@@ -230,6 +230,12 @@ class StreamingExpertStore:
                         self._stale[entry] = None
             self._pending = []
             for e in experts:
+                failed = self._layers[layer].get(e)
+                if failed is not None and failed.state == FAILED and not failed.wanted:
+                    # A read (a guess's, or an abandoned request's) failed before anyone needed it: the
+                    # failure may be transient, read it again now that it is needed.
+                    self._remove(failed)
+                    self._free.append(failed.slot)
                 self._touch(layer, e)
                 self.stats.requests += 1
                 self.stats.bytes_requested += self._plan(layer, e).nbytes

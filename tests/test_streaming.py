@@ -464,3 +464,22 @@ def test_a_rejected_guess_cancelled_by_request_is_not_counted_as_a_prefetch(tiny
         assert store.wait_idle(30)
         s = store.stats
         assert (s.prefetch_issued, s.prefetch_used) == (1, 0)
+
+
+def test_a_guess_whose_read_failed_once_is_read_again_when_routed(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        read = store.io.reader.read_record
+        failures = []
+
+        def flaky(layout, buffer):
+            if not failures:
+                failures.append(1)
+                raise ReadError("injected transient failure")
+            return read(layout, buffer)
+
+        store.io.reader.read_record = flaky
+        store.prefetch(1, [3])
+        assert store.wait_idle(30) and failures
+        (e, w), = in_thread(lambda: [(e, w.mlp1_blocks.copy()) for e, w in store.request(1, [3])], timeout=30)
+        assert e == 3 and np.array_equal(w, ck.expert(1, 3).mlp1_blocks)
