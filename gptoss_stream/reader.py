@@ -20,6 +20,7 @@ and offset (never a hang, never a half-filled buffer used as weights).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import mmap
@@ -142,6 +143,7 @@ class FileReader:
         """direct: True = require O_DIRECT, False = buffered reads, None = O_DIRECT if it works, else buffered."""
         self.direct_wanted = direct
         self._fds: dict[str, tuple[int, bool, int]] = {}  # path -> (fd, is_direct, size at open)
+        self._retired: list[int] = []  # O_DIRECT fds replaced by buffered ones, closed with the reader
         self._lock = threading.Lock()
         self.counters = ReadCounters()
 
@@ -180,11 +182,10 @@ class FileReader:
                 try:
                     n = os.preadv(fd, [view[got:]], extent.file_offset + got)
                 except OSError as e:
-                    if direct and e.errno == 22 and got == 0:
+                    if direct and e.errno == errno.EINVAL and got == 0:
                         # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer):
                         # fall back to buffered reads for this file.
-                        self._reopen_buffered(extent.path)
-                        fd, direct = self._open(extent.path)[:2]
+                        fd, direct = self._reopen_buffered(extent.path)
                         continue
                     raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset + got} "
                                     f"failed: {e.strerror}") from None
@@ -207,11 +208,18 @@ class FileReader:
         except OSError:
             pass
 
-    def _reopen_buffered(self, path: str) -> None:
+    def _reopen_buffered(self, path: str) -> tuple[int, bool]:
+        """Switch path to a buffered fd (once, whichever I/O thread asks first); returns (fd, direct).
+
+        The O_DIRECT fd is retired, not closed: another I/O thread may be inside a pread on it (closing it
+        could even hand its number to the next open). Retired fds are closed with the reader."""
         with self._lock:
-            fd, _, size = self._fds[path]
-            os.close(fd)
-            self._fds[path] = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False, size)
+            fd, direct, size = self._fds[path]
+            if direct:
+                self._retired.append(fd)
+                fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+                self._fds[path] = (fd, direct, size)
+            return fd, direct
 
     def read_record(self, layout: RecordLayout, buffer: np.ndarray) -> None:
         if buffer.nbytes < layout.nbytes:
@@ -228,9 +236,10 @@ class FileReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd, _, _ in self._fds.values():
+            for fd in [fd for fd, _, _ in self._fds.values()] + self._retired:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
 
 def prefault_page_cache(ranges: Sequence[TensorRange]) -> threading.Thread:

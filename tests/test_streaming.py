@@ -483,3 +483,62 @@ def test_a_guess_whose_read_failed_once_is_read_again_when_routed(tiny_original)
         assert store.wait_idle(30) and failures
         (e, w), = in_thread(lambda: [(e, w.mlp1_blocks.copy()) for e, w in store.request(1, [3])], timeout=30)
         assert e == 3 and np.array_equal(w, ck.expert(1, 3).mlp1_blocks)
+
+
+def test_two_io_threads_refused_o_direct_on_one_file_reopen_it_once(tiny_original, monkeypatch):
+    """Both workers get EINVAL from an O_DIRECT read of the same file: one buffered reopen, no fd closed
+    under the other worker, and both records read right."""
+    import errno
+    import fcntl
+
+    ck = Checkpoint.open(tiny_original)
+    path = ck.files()[0]
+    reader = FileReader()
+    assert reader.is_direct(path)
+    both_in = threading.Barrier(2, timeout=10)
+    real_preadv, real_open, real_close = os.preadv, os.open, os.close
+    reopened, closed = [], []
+
+    def preadv(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            both_in.wait()  # both workers hold the O_DIRECT fd
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    def open_(p, flags, *args, **kwargs):
+        fd = real_open(p, flags, *args, **kwargs)
+        if str(p) == path:
+            reopened.append(fd)
+        return fd
+
+    def close(fd):
+        closed.append(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    io = IOThread(reader, workers=2)
+    results: dict = {}
+    done = threading.Event()
+
+    def finished(job, error):
+        results[job.tag] = error
+        if len(results) == 2:
+            done.set()
+
+    jobs = {}
+    for e in (1, 2):
+        layout = plan_record(ck.expert_ranges(0, e))
+        jobs[e] = ReadJob(layout, aligned_buffer(layout.nbytes), finished, tag=e)
+        io.submit(jobs[e])
+    assert done.wait(30)
+    io.close()
+    monkeypatch.undo()
+    assert results == {1: None, 2: None}
+    assert len(reopened) == 1 and reopened[0] not in closed, (reopened, closed)
+    for e, job in jobs.items():
+        for r, at in zip(ck.expert_ranges(0, e), job.layout.piece_offsets):
+            assert np.array_equal(job.buffer[at:at + r.nbytes],
+                                  np.fromfile(path, np.uint8, count=r.nbytes, offset=r.offset))
+    reader.close()
