@@ -301,10 +301,13 @@ class _Files:
 
 # ---------------------------------------------------------------------------- writing a shard
 
+def _write(fd: int, data: memoryview) -> int:
+    return os.write(fd, data)
+
+
 def _write_fully(fd: int, data: memoryview) -> None:
     while len(data):
-        n = os.write(fd, data)
-        data = data[n:]
+        data = data[_write(fd, data):]
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -327,13 +330,15 @@ class _KillSwitch:
         self.limit = int(value) if value else None
         self.written = 0
 
-    def write(self, fd: int, data: memoryview) -> None:
+    def write(self, fd: int, data: memoryview) -> int:
+        """One write(2) of data's start; returns the bytes written (maybe fewer than asked)."""
         if self.limit is not None and self.written + len(data) >= self.limit:
             _set_direct(fd, False)  # the cut may fall anywhere, O_DIRECT takes whole blocks only
             _write_fully(fd, data[:self.limit - self.written])
             os.kill(os.getpid(), signal.SIGKILL)
-        _write_fully(fd, data)
-        self.written += len(data)
+        n = _write(fd, data)
+        self.written += n
+        return n
 
 
 class _ShardWriter:
@@ -362,16 +367,19 @@ class _ShardWriter:
 
     def _drain(self, data: memoryview) -> None:
         self.sha.update(data)
-        try:
-            self.kill.write(self.fd, data)
-        except OSError as e:
-            if not (self.direct and e.errno == errno.EINVAL):
-                raise
-            # This device wants a larger O_DIRECT alignment than ours: go through the page cache.
-            _set_direct(self.fd, False)
-            self.direct = False
-            self.kill.write(self.fd, data)
         end = self.written + len(data)
+        while len(data):
+            try:
+                n = self.kill.write(self.fd, data)
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                # This device wants a larger O_DIRECT alignment than ours: go through the page cache, from
+                # where the writes so far (possibly a short one) have left the file.
+                _set_direct(self.fd, False)
+                self.direct = False
+                continue
+            data = data[n:]
         if not self.direct:
             # DONTNEED starts writeback of the dirty pages just written (Linux: WB_SYNC_NONE) and drops the
             # previous buffer's, clean by now. Without it nothing reaches the disk until dirty pages pass

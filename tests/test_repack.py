@@ -153,7 +153,7 @@ def test_page_cache_fallbacks_write_the_same_bytes(micro_checkpoint, micro_ref, 
     alignment), or impossible (--align below 4096): the writer goes through the page cache instead."""
     src = micro_checkpoint / "original"
     calls = []
-    real_set, real_write = rp._set_direct, rp._write_fully
+    real_set, real_write = rp._set_direct, rp._write
 
     def spy_set(fd, on):
         calls.append(on)
@@ -169,9 +169,9 @@ def test_page_cache_fallbacks_write_the_same_bytes(micro_checkpoint, micro_ref, 
     def einval_once(fd, data):
         if os.O_DIRECT & rp.fcntl.fcntl(fd, rp.fcntl.F_GETFL):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        real_write(fd, data)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(rp, "_write_fully", einval_once)
+    monkeypatch.setattr(rp, "_write", einval_once)
     rp.repack(src, tmp_path / "einval", shard_size=MICRO_SHARD, progress=False)
     for d in ("direct", "refused", "einval"):
         assert digest(tmp_path / d) == digest(micro_ref), d
@@ -229,6 +229,30 @@ def test_repacked_checkpoint_api(tiny_original, tiny_repacked):
 
 
 # ---------------------------------------------------------------------------- interruption and resume
+
+def test_o_direct_refused_after_a_short_write_writes_every_byte_once(micro_checkpoint, micro_ref, tmp_path,
+                                                                    monkeypatch):
+    """The first O_DIRECT write comes back short, the next one fails with EINVAL: the writer goes on through
+    the page cache from where the short write stopped (it used to rewrite the whole buffer after it)."""
+    src, dst = micro_checkpoint / "original", tmp_path / "out"
+    real_write = os.write
+    calls = []
+
+    def short_then_einval(fd, data):
+        if os.O_DIRECT & rp.fcntl.fcntl(fd, rp.fcntl.F_GETFL):
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, memoryview(data)[:4096])
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_einval)
+    rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
+    monkeypatch.undo()
+    assert len(calls) >= 2 and calls[0] > 4096  # (every shard tries O_DIRECT again, and falls back)
+    rp.verify_repack(dst, src, progress=False)
+    assert digest(dst) == digest(micro_ref)
+
 
 def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoint, micro_ref, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
@@ -346,7 +370,7 @@ def test_corrupt_source_fails_before_writing(micro_checkpoint, tmp_path, damage)
 
 def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp_path, monkeypatch):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
-    real = rp._write_fully
+    real = rp._write
     written = 0
 
     def fill_up(fd, data):
@@ -354,9 +378,9 @@ def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp
         if written + len(data) > 40_000:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written += len(data)
-        real(fd, data)
+        return real(fd, data)
 
-    monkeypatch.setattr(rp, "_write_fully", fill_up)
+    monkeypatch.setattr(rp, "_write", fill_up)
     with pytest.raises(RuntimeError, match=r"disk full .*re-run the same command to resume"):
         rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
     assert not (dst / MANIFEST).exists() and not list(dst.glob("*.partial.*")) and not list(dst.glob("*.tmp"))
@@ -364,7 +388,7 @@ def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp
     assert 0 < len(list(dst.glob("*.safetensors"))) < len(manifest(micro_ref)["shards"])
     with pytest.raises(ValueError, match="incomplete repack"):
         Checkpoint.open(dst)
-    monkeypatch.setattr(rp, "_write_fully", real)
+    monkeypatch.setattr(rp, "_write", real)
     assert rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False).status == "resumed"
     assert digest(dst) == digest(micro_ref)
 
