@@ -20,11 +20,13 @@ and offset (never a hang, never a half-filled buffer used as weights).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import heapq
 import itertools
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -126,6 +128,20 @@ def aligned_buffer(nbytes: int, huge_pages: bool = False) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8, count=nbytes)
 
 
+def unmap(mapping: memoryview) -> bool:
+    """Unmap an aligned_buffer now: pass its `.base` in a local variable after dropping every reference to
+    the array. False if some numpy view of it is still alive (it is then unmapped with the last one).
+
+    numpy's views keep a reference to this memoryview but no buffer export, so releasing it under a live
+    view would let the mapping go under that view: its reference count is the only safe witness."""
+    if sys.getrefcount(mapping) > 3:  # the caller's variable, this argument, getrefcount's own
+        return False
+    owner = mapping.obj
+    mapping.release()
+    owner.close()
+    return True
+
+
 # ---------------------------------------------------------------------------- synchronous reads
 
 
@@ -175,7 +191,7 @@ class FileReader:
         fd, direct, _ = self._open(extent.path)
         need = extent.needed_end - extent.file_offset  # the bytes past `need` may legitimately lie past EOF
         view = memoryview(buffer)[extent.buffer_offset:extent.buffer_offset + extent.nbytes]
-        got = 0
+        got = calls = 0
         started = time.perf_counter()
         try:
             while got < need:
@@ -189,16 +205,18 @@ class FileReader:
                         continue
                     raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset + got} "
                                     f"failed: {e.strerror}") from None
-                self.counters.reads += 1
                 if n == 0 or (direct and n % ALIGN and got + n < need):
                     size = os.fstat(fd).st_size
                     raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got + n} "
                                     f"while reading bytes {extent.file_offset}..{extent.needed_end} "
                                     f"(file is {size} bytes; truncated or replaced while running?)")
                 got += n
-                self.counters.bytes += n
+                calls += 1
         finally:
-            self.counters.seconds += time.perf_counter() - started
+            with self._lock:  # shared by the I/O threads, read by --stats
+                self.counters.reads += calls
+                self.counters.bytes += got
+                self.counters.seconds += time.perf_counter() - started
         if direct:
             return
         # Buffered fallback: drop what we just read from the page cache, so expert bytes do not push the
@@ -229,10 +247,15 @@ class FileReader:
 
     def check_sizes(self) -> None:
         """ReadError if a file shrank since it was opened (the mapped dense weights would fault with SIGBUS)."""
-        for path, (fd, _, size) in list(self._fds.items()):
-            now = os.fstat(fd).st_size
-            if now < size:
-                raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
+        with self._lock:
+            for path, (fd, _, size) in self._fds.items():
+                now = os.fstat(fd).st_size
+                if now < size:
+                    raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
+
+    def counters_copy(self) -> ReadCounters:
+        with self._lock:
+            return dataclasses.replace(self.counters)
 
     def close(self) -> None:
         with self._lock:
@@ -242,32 +265,43 @@ class FileReader:
             self._retired.clear()
 
 
-def prefault_page_cache(ranges: Sequence[TensorRange]) -> threading.Thread:
-    """Ask the kernel to read these ranges into the page cache (posix_fadvise WILLNEED), on a background
-    thread; returns the thread. Used for the dense weights: the first token needs all of them, and large
-    asynchronous readahead fills the cache several times faster than the page faults of the first matmuls."""
+class PageCacheFill:
+    """Asks the kernel to read ranges into the page cache (posix_fadvise WILLNEED) on a background thread.
 
-    def run() -> None:
+    Used for the dense weights: the first token needs all of them, and large asynchronous readahead fills
+    the cache several times faster than the page faults of the first matmuls. Only a hint: errors are
+    ignored (the page faults read whatever it did not). `close()` stops it between ranges and joins it."""
+
+    def __init__(self, ranges: Sequence[TensorRange]):
+        self._ranges = list(ranges)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="gptoss-prefault", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
         fds: dict[str, int] = {}
         try:
-            for r in ranges:
+            for r in self._ranges:
+                if self._stop.is_set():
+                    return
                 if r.path not in fds:
                     fds[r.path] = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
                 os.posix_fadvise(fds[r.path], r.offset, r.nbytes, os.POSIX_FADV_WILLNEED)
         except OSError:
-            pass  # only a hint: the page faults will read whatever it did not
+            pass
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    thread = threading.Thread(target=run, name="gptoss-prefault", daemon=True)
-    thread.start()
-    return thread
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join()
 
 
 # ---------------------------------------------------------------------------- background reads
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+QUEUED, RUNNING, FINISHED, CANCELLED = "queued", "running", "finished", "cancelled"
 
 
 @dataclass(eq=False)
@@ -278,7 +312,7 @@ class ReadJob:
     buffer: np.ndarray
     done: Callable[["ReadJob", BaseException | None], None]
     priority: int = DEMAND
-    state: str = "queued"  # queued -> running -> finished | cancelled
+    state: str = "queued"  # QUEUED -> RUNNING -> FINISHED, or QUEUED -> CANCELLED (owned by IOThread)
     tag: object = None
     seconds: float = field(default=0.0)
 
@@ -298,6 +332,7 @@ class IOThread:
         self._cv = threading.Condition()
         self._closed = False
         self.busy_seconds = 0.0
+        self.error: BaseException | None = None  # what stopped a thread (a completion callback raised)
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
@@ -306,14 +341,14 @@ class IOThread:
         with self._cv:
             if self._closed:
                 raise RuntimeError("I/O thread is closed")
-            job.state = "queued"
+            job.state = QUEUED
             heapq.heappush(self._heap, (job.priority, next(self._seq), job))
             self._cv.notify()
 
     def promote(self, job: ReadJob) -> None:
         """A queued prefetch became a demand: move it ahead of the other prefetches."""
         with self._cv:
-            if job.state == "queued" and job.priority != DEMAND:
+            if job.state == QUEUED and job.priority != DEMAND:
                 job.priority = DEMAND
                 heapq.heappush(self._heap, (DEMAND, next(self._seq), job))  # the old heap entry goes stale
                 self._cv.notify()
@@ -321,14 +356,14 @@ class IOThread:
     def cancel(self, job: ReadJob) -> bool:
         """Cancel a job that has not started; True if it will never run."""
         with self._cv:
-            if job.state == "queued":
-                job.state = "cancelled"
+            if job.state == QUEUED:
+                job.state = CANCELLED
                 return True
             return False
 
     @property
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return self.error is None and all(t.is_alive() for t in self._threads)
 
     def _run(self) -> None:
         while True:
@@ -338,9 +373,9 @@ class IOThread:
                 if self._closed:
                     return
                 priority, _, job = heapq.heappop(self._heap)
-                if job.state != "queued" or priority != job.priority:
+                if job.state != QUEUED or priority != job.priority:
                     continue  # cancelled, or a stale entry of a promoted job
-                job.state = "running"
+                job.state = RUNNING
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -350,25 +385,29 @@ class IOThread:
             job.seconds = time.perf_counter() - started
             with self._cv:
                 self.busy_seconds += job.seconds
-                job.state = "finished"
+                job.state = FINISHED
             try:
                 job.done(job, error)
-            except BaseException:
-                pass  # the callback owns its errors; it must not kill the reader
+            except BaseException as e:
+                # A bug in the callback: keep it for the consumer (`alive` turns False, and the store raises
+                # it), and let this thread die with its traceback instead of serving on in a broken state.
+                with self._cv:
+                    if self.error is None:
+                        self.error = e
+                raise
 
     def close(self) -> None:
-        """Stop after the running job; jobs still queued complete with an error so nobody waits forever."""
+        """Stop after the running jobs; jobs still queued complete with an error so nobody waits forever.
+        Idempotent."""
         with self._cv:
             self._closed = True
-            dropped = [job for _, _, job in self._heap if job.state == "queued"]
+            dropped = [job for _, _, job in self._heap if job.state == QUEUED]
             for job in dropped:
-                job.state = "cancelled"
+                job.state = CANCELLED
             self._heap.clear()
             self._cv.notify_all()
         for job in dropped:
-            try:
-                job.done(job, ReadError("the expert reader was closed before this read ran"))
-            except BaseException:
-                pass
+            job.done(job, ReadError("the expert reader was closed before this read ran"))
+        # No timeout: a read still running uses its fd and buffer, which the owner frees right after this.
         for t in self._threads:
-            t.join(timeout=30)
+            t.join()

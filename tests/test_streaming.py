@@ -6,6 +6,7 @@ bytes, and the model consumes experts in the same (sorted) order whatever the st
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
@@ -542,3 +543,145 @@ def test_two_io_threads_refused_o_direct_on_one_file_reopen_it_once(tiny_origina
             assert np.array_equal(job.buffer[at:at + r.nbytes],
                                   np.fromfile(path, np.uint8, count=r.nbytes, offset=r.offset))
     reader.close()
+
+
+# ---------------------------------------------------------------------------- issue 17: states and lifetimes
+
+
+def open_fds() -> set[str]:
+    gc.collect()  # objects earlier tests left behind close their fds when collected, not during our count
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_close_releases_every_fd_thread_and_the_arena(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    fds, threads = open_fds(), set(threading.enumerate())
+    store, _ = open_budgeted_store(ck, 2 << 30, 256, 8, io_threads=2)
+    mapping = store.arena.base.obj
+    assert len(threading.enumerate()) > len(threads) and len(open_fds()) > len(fds)
+    store.prefetch(1, [0, 1, 2])
+    request_all(store, 0, [3, 4])
+    store.request(2, [5])  # left open: close() must not care
+    store.close()
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    assert mapping.closed
+    store.close()  # idempotent
+
+
+def test_a_failing_constructor_closes_what_it_opened(tiny_original, monkeypatch):
+    from gptoss_stream import expert_cache
+
+    ck = Checkpoint.open(tiny_original)
+    fds, threads = open_fds(), set(threading.enumerate())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(expert_cache, "IOThread", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        StreamingExpertStore(ck, slots=2)
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+
+
+def test_an_error_in_a_completion_callback_stops_the_io_thread_visibly(tiny_original, monkeypatch):
+    ck = Checkpoint.open(tiny_original)
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    io = IOThread(FileReader())
+    layout = plan_record(ck.expert_ranges(0, 0))
+
+    def broken(job, error):
+        raise ValueError("bug in the callback")
+
+    io.submit(ReadJob(layout, aligned_buffer(layout.nbytes), broken))
+    for t in io._threads:
+        t.join(30)
+    assert not io.alive and isinstance(io.error, ValueError) and seen == [io.error]
+    io.close()
+
+
+def test_request_objects_end_their_hold_however_they_are_left(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=3) as store:
+        with store.request(0, [0, 1, 2]) as routed:
+            e, _ = next(iter(routed))
+            assert store.states()[0, e] == "in-use"
+        store.check_invariants()
+        assert set(store.states().values()) <= {"cached", "loading"}
+        first = store.request(1, [0, 1])
+        next(iter(first))
+        store.request(1, [2])  # the next request ends the first, which then refuses to go on
+        with pytest.raises(RuntimeError, match="ended"):
+            next(iter(first))
+        store.check_invariants()
+
+
+STRESS_STEPS = int(os.environ.get("GPTOSS_STRESS_STEPS", "10000"))
+
+
+@pytest.mark.parametrize("slots, io_threads", [(2, 1), (3, 2)])
+def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io_threads):
+    """Random requests (consumed fully, in part, or not at all), guesses, and injected read failures against
+    a small store: every step ends within a deadline, the state invariants hold after each one, the weights
+    served are the checkpoint's, and close gives every thread and fd back."""
+    import random
+    import time
+
+    ck = Checkpoint.open(tiny_original)
+    cfg = ck.config
+    expected = {(n, e): ck.expert(n, e).mlp1_blocks.copy() for n in range(cfg.num_hidden_layers)
+                for e in range(cfg.num_experts)}
+    rng = random.Random(slots * 100 + io_threads)
+    steps = STRESS_STEPS // 2  # per parametrization
+    fds, threads = open_fds(), set(threading.enumerate())
+    store = StreamingExpertStore(ck, slots=slots, io_threads=io_threads)
+    read = store.io.reader.read_record
+    fail = {"rate": 0.0}
+
+    def flaky(layout, buffer):
+        if random.random() < fail["rate"]:
+            raise ReadError("injected")
+        return read(layout, buffer)
+
+    store.io.reader.read_record = flaky
+
+    def experts():
+        return sorted(rng.sample(range(cfg.num_experts), rng.randint(1, cfg.experts_per_token)))
+
+    def loop():
+        for step in range(steps):
+            started = time.monotonic()
+            op = rng.random()
+            layer = rng.randrange(cfg.num_hidden_layers)
+            if op < 0.5:
+                want = experts()
+                req = store.request(layer, want)
+                mode = rng.choice(("all", "some", "none", "with"))
+                try:
+                    if mode == "with":
+                        with req:
+                            for e, w in req:
+                                assert np.array_equal(w.mlp1_blocks, expected[layer, e])
+                                if rng.random() < 0.3:
+                                    break
+                    elif mode != "none":
+                        for i, (e, w) in enumerate(req):
+                            assert np.array_equal(w.mlp1_blocks, expected[layer, e])
+                            if mode == "some" and rng.random() < 0.5:
+                                break
+                except ReadError:
+                    assert fail["rate"] > 0
+            elif op < 0.85:
+                store.prefetch(layer, experts())
+            elif op < 0.95:
+                fail["rate"] = rng.choice((0.0, 0.0, 0.2, 1.0))
+            else:
+                assert store.wait_idle(10)
+            store.check_invariants()
+            assert time.monotonic() - started < 10, f"step {step} took too long"
+
+    in_thread(loop, timeout=max(60.0, steps * 0.05))
+    stats = store.stats
+    assert stats.requests == stats.hits + stats.misses and 0 <= stats.prefetch_used <= stats.prefetch_issued
+    store.close()
+    assert open_fds() == fds and set(threading.enumerate()) == threads
