@@ -21,7 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "Face folder (config.json + model-*.safetensors + index)")
     p.add_argument("--context", type=int, default=4096, metavar="N",
                    help="context length in tokens: prompt + generated (default 4096, max 131072)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="compute threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compute threads (default 0: the CPUs this process may use, from its affinity and its "
+                        "cgroup's CPU quota)")
     p.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="prompt tokens per prefill pass (default 64); larger is faster and uses more scratch")
     memory = p.add_mutually_exclusive_group()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream import kernels
+from gptoss_stream import budget, kernels
 from gptoss_stream.checkpoint import Checkpoint, LayerWeights
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.experts import MappedExpertStore
@@ -78,7 +78,8 @@ class Model:
         self.config = config = checkpoint.config
         self.max_chunk = max_chunk
         self.experts = expert_store if expert_store is not None else MappedExpertStore(checkpoint)
-        kernels.set_num_threads(num_threads)
+        # 0: what this process may use (affinity, cgroup CPU quota), not every processor of the machine
+        kernels.set_num_threads(num_threads if num_threads > 0 else budget.available_cpus())
         self.layers: list[LayerWeights] = [checkpoint.layer(n) for n in range(config.num_hidden_layers)]
         self.embedding = checkpoint.embedding()      # (V, H)
         self.final_norm = checkpoint.final_norm()    # (H,)

@@ -116,6 +116,45 @@ def test_cgroup_limits(tmp_path):
     assert cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None
 
 
+def test_cpu_count_honours_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from gptoss_stream import budget
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:cpu,cpuacct:/bench\n0::/\n")
+    assert budget.cgroup_cpu_limit(str(proc), str(tmp_path)) is None
+    v1 = tmp_path / "cpu,cpuacct" / "bench"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no quota
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert budget.cgroup_cpu_limit(str(proc), str(tmp_path)) is None
+    (v1 / "cpu.cfs_quota_us").write_text("250000\n")
+    assert budget.cgroup_cpu_limit(str(proc), str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 at the root: no limit there
+    assert budget.cgroup_cpu_limit(str(proc), str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert budget.cgroup_cpu_limit(str(proc), str(tmp_path)) == 1.5
+    monkeypatch.setattr(budget.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(budget, "cgroup_cpu_limit", lambda: 2.5)
+    assert budget.available_cpus() == 2
+    monkeypatch.setattr(budget, "cgroup_cpu_limit", lambda: 0.5)
+    assert budget.available_cpus() == 1
+    monkeypatch.setattr(budget, "cgroup_cpu_limit", lambda: None)
+    assert budget.available_cpus() == 6
+
+
+def test_threads_0_asks_for_the_cpus_available(tiny_original, monkeypatch):
+    from gptoss_stream import budget, kernels
+    from gptoss_stream.model import Model
+
+    asked = []
+    monkeypatch.setattr(budget, "available_cpus", lambda: 1)
+    monkeypatch.setattr(kernels, "set_num_threads", asked.append)
+    with Checkpoint.open(tiny_original) as ck:
+        Model(ck, num_threads=0)
+        Model(ck, num_threads=3)
+    assert asked == [1, 3]
+
+
 def test_cli_budget_too_small(tiny_original, capsys):
     rc = cli.main(["generate", "-m", str(tiny_original), "-p", "hi", "--raw", "-n", "1", "--ram-budget", "1M"])
     assert rc == 1
