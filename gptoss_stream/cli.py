@@ -53,33 +53,37 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_model(args: argparse.Namespace):
+    """The checkpoint, the expert store the options ask for, and the Model that owns both (close it, or use
+    it in `with`); whatever was opened is closed again if a step fails."""
     from gptoss_stream.checkpoint import Checkpoint
     from gptoss_stream.model import Model
 
     checkpoint = Checkpoint.open(args.model)
     store = args.plan = None
-    if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context)):
-        from gptoss_stream.expert_cache import open_budgeted_store
+    try:
+        if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
+                                                                                   args.chunk)):
+            from gptoss_stream.expert_cache import open_budgeted_store
 
-        try:
             store, args.plan = open_budgeted_store(checkpoint, args.ram_budget, args.context, args.chunk)
-        except BaseException:
-            checkpoint.close()
-            raise
-        if args.stats:
-            print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
-    return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+            if args.stats:
+                print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
+        return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        checkpoint.close()
+        raise
 
 
-def fits_in_memory(checkpoint, context_length: int) -> bool:
+def fits_in_memory(checkpoint, context_length: int, max_chunk: int) -> bool:
     """Without --ram-budget: when the whole checkpoint, its KV cache and a margin fit in what the machine (or
     its cgroup) has available, the page cache holds everything and the plain mapping is fastest; otherwise
     stream experts under a budget of what is available."""
-    from gptoss_stream.budget import available_memory
+    from gptoss_stream.budget import available_memory, kv_cache_nbytes
 
-    cfg = checkpoint.config
-    kv_bytes = 2 * cfg.num_hidden_layers * context_length * cfg.num_key_value_heads * cfg.head_dim * 2
     margin = 1 << 30  # Python, libraries, scratch buffers
+    kv_bytes = kv_cache_nbytes(checkpoint.config, context_length, max_chunk)
     return checkpoint.nbytes() + kv_bytes + margin <= available_memory()
 
 
@@ -142,13 +146,17 @@ class ReplyPrinter:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    started = time.perf_counter()
+    with open_model(args) as model:
+        return generate_reply(args, model, prompt_text, started)
+
+
+def generate_reply(args: argparse.Namespace, model, prompt_text: str, started: float) -> int:
     from gptoss_stream import harmony
     from gptoss_stream.generate import generate
     from gptoss_stream.tokenizer import StreamDecoder, get_tokenizer
 
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    started = time.perf_counter()
-    model = open_model(args)
     tokenizer = get_tokenizer()
     if args.raw:
         prompt = tokenizer.encode(prompt_text, allow_special=True)
@@ -199,12 +207,16 @@ def add_generate_parser(subparsers) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    with open_model(args) as model:
+        return chat(args, model)
+
+
+def chat(args: argparse.Namespace, model) -> int:
     from gptoss_stream import harmony
     from gptoss_stream.generate import generate
     from gptoss_stream.kvcache import ContextFullError
     from gptoss_stream.tokenizer import get_tokenizer
 
-    model = open_model(args)
     tokenizer = get_tokenizer()
     sampler = make_sampler(args)
     history = [harmony.system_message(args.reasoning, current_date=time.strftime("%Y-%m-%d"))]

@@ -468,6 +468,7 @@ def profile(args: argparse.Namespace, cgroup: MemoryCgroup | None = None) -> dic
     }
     report["summary"] = summarize(report)
     report["summary"]["profiler_seconds"] = profiler.sampling_seconds
+    model.close()
     report["summary"]["profiler_cpu_seconds"] = profiler.sampling_cpu_seconds
     report["summary"]["engine_prefill_seconds"] = result.prefill_seconds
     report["summary"]["engine_decode_tokens_per_second"] = result.decode_tokens_per_second

@@ -71,7 +71,9 @@ class RunState:
 
 
 class Model:
-    """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache."""
+    """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache.
+
+    `close()` (or `with`) closes the expert store and the checkpoint it was given."""
 
     def __init__(self, checkpoint: Checkpoint, max_chunk: int = 64, expert_store=None, num_threads: int = 0):
         self.checkpoint = checkpoint
@@ -90,6 +92,20 @@ class Model:
         )
         self.attn_scale = 1.0 / math.sqrt(config.head_dim)
         self.state = RunState.allocate(config, max_chunk)
+
+    def close(self) -> None:
+        """Close the expert store, then the checkpoint (the model owns both from construction on;
+        idempotent). The weights views are unusable afterwards."""
+        close = getattr(self.experts, "close", None)
+        if close is not None:
+            close()
+        self.checkpoint.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def new_cache(self, context_length: int = 4096) -> KVCache:
         return KVCache(self.config, context_length, self.max_chunk)

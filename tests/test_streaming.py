@@ -685,3 +685,15 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
     assert stats.requests == stats.hits + stats.misses and 0 <= stats.prefetch_used <= stats.prefetch_issued
     store.close()
     assert open_fds() == fds and set(threading.enumerate()) == threads
+
+
+def test_cli_runs_give_back_every_fd_and_thread(tiny_original, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken"))
+    args = ["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "2", "-t", "0", "--chunk", "8"]
+    assert cli.main(args + ["--mmap-only"]) == 0  # libraries and the tokenizer load once, outside the count
+    fds, threads = open_fds(), set(threading.enumerate())
+    assert cli.main(args + ["--ram-budget", "1G"]) == 0
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    assert cli.main(args + ["--ram-budget", "1M"]) == 1  # too small: the checkpoint opened first is closed
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    capsys.readouterr()
