@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gptoss_stream.checkpoint import EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
+from gptoss_stream.errors import UserError
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -41,7 +42,7 @@ LOGIT_COPIES = 8            # fp32 logit rows alive at once: forward's result an
 MIN_PREFETCH_LAYERS = 2     # expert slots: the layer in use + the next layer's guesses
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The RAM budget cannot hold what the engine needs."""
 
 

@@ -6,8 +6,10 @@ stdout carries only generated text (so it can be piped); progress, statistics an
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
+import traceback
 
 from gptoss_stream.budget import size_argument
 
@@ -56,9 +58,13 @@ def open_model(args: argparse.Namespace):
     """The checkpoint, the expert store the options ask for, and the Model that owns both (close it, or use
     it in `with`); whatever was opened is closed again if a step fails."""
     from gptoss_stream.checkpoint import Checkpoint
+    from gptoss_stream.errors import CheckpointError
     from gptoss_stream.model import Model
 
-    checkpoint = Checkpoint.open(args.model)
+    try:
+        checkpoint = Checkpoint.open(args.model)
+    except (ValueError, OSError) as e:  # opening validates every file, header and shape: all input problems
+        raise CheckpointError(str(e)) from e
     store = args.plan = None
     try:
         if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
@@ -288,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# These commands predate UserError and raise ValueError/RuntimeError with a message for bad input: the
+# message alone stays what the user sees for those (until their raise sites use UserError).
+LEGACY_USER_ERRORS = {name: (ValueError, RuntimeError) for name in ("make-checkpoint", "repack", "memprof")}
+
+
+# Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_user_error(e: BaseException, args: argparse.Namespace) -> bool:
+    from gptoss_stream.errors import UserError
+
+    return (isinstance(e, (UserError, *USER_OS_ERRORS, *LEGACY_USER_ERRORS.get(args.command, ())))
+            or isinstance(e, OSError) and e.errno in USER_ERRNOS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -301,9 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"gptoss: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if is_user_error(e, args):
+            print(f"gptoss: error: {e}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print("gptoss: internal error: this is a bug in gptoss, not a problem with the input; please report "
+              "it with the traceback above", file=sys.stderr)
+        return 70  # EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from gptoss_stream.config import ModelConfig
+from gptoss_stream.errors import UserError
 
 
-class ContextFullError(ValueError):
+class ContextFullError(UserError, ValueError):
     """The sequence would grow past the context length the cache was made for."""
 
 

@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gptoss_stream.checkpoint import TensorRange
+from gptoss_stream.errors import UserError
 
 # O_DIRECT needs file offset, length and buffer address aligned to the device's logical block size
 # (512 B here, 4 KiB on some disks); the page size satisfies every device.
 ALIGN = 4096
 
 
-class ReadError(RuntimeError):
+class ReadError(UserError, RuntimeError):
     """A checkpoint read failed or came back short (file truncated or replaced under a running process)."""
 
 

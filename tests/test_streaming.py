@@ -697,3 +697,24 @@ def test_cli_runs_give_back_every_fd_and_thread(tiny_original, capsys, monkeypat
     assert cli.main(args + ["--ram-budget", "1M"]) == 1  # too small: the checkpoint opened first is closed
     assert open_fds() == fds and set(threading.enumerate()) == threads
     capsys.readouterr()
+
+
+def test_cli_tells_bad_input_from_bugs(tiny_original, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken"))
+    args = ["generate", "-p", "Hello", "--raw", "-n", "2", "-t", "0", "--chunk", "8"]
+    # bad input: one line, no traceback
+    assert cli.main(args + ["-m", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gptoss: error: ") and "nowhere" in err and "Traceback" not in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    assert cli.main(args + ["-m", str(tmp_path / "bad")]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    # a bug (here a ValueError from inside the model) keeps its traceback and says it is one
+    def broken(*a, **k):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(Model, "forward", broken)
+    assert cli.main(args + ["-m", str(tiny_original), "--ram-budget", "1G"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal inconsistency" in err and "bug" in err
