@@ -28,6 +28,9 @@ from gptoss_stream.repacked import MANIFEST, MANIFEST_PARTIAL, RepackedCheckpoin
 from gptoss_stream.safetensors_file import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
+# Unclosed files or mappings are errors here (run also under `python -X dev`).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 MICRO_SHARD = 16 << 10  # micro records are 4 KiB (experts) to 32 KiB (embedding): ~6 shards
 TINY_SHARD = 2 << 20  # tiny: the 25 MB embedding and unembedding alone, the layers in a few shards
 

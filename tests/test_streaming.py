@@ -25,6 +25,12 @@ from gptoss_stream.repack import repack
 from gptoss_stream.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
 from gptoss_stream.synthetic import make_checkpoint
 
+# Unclosed files, sockets or mappings are errors here (run also under `python -X dev`): every resource has
+# an owner that closes it.
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
+
 PIECES = ("mlp1_blocks", "mlp1_scales", "mlp1_bias", "mlp2_blocks", "mlp2_scales", "mlp2_bias")
 
 
@@ -114,7 +120,11 @@ def test_short_read_names_file_and_offset(micro_checkpoint, tmp_path):
     reader = FileReader()
     with pytest.raises(ReadError, match=rf"{path}: unexpected end of file at offset \d+ .*truncated"):
         reader.read_record(plan_record(ranges), aligned_buffer(1 << 20))
-    assert not (reader.check_sizes() or False)  # opened after the truncation: nothing shrank since
+    reader.check_sizes()  # opened after the truncation: nothing shrank since
+    os.truncate(path, last.offset)
+    with pytest.raises(ReadError, match=rf"{path}: file shrank from {last.offset + 1} to {last.offset} bytes"):
+        reader.check_sizes()
+    reader.close()
 
 
 def test_io_thread_forwards_errors_and_keeps_serving(micro_checkpoint, tmp_path):
