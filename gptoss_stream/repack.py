@@ -24,7 +24,6 @@ import hashlib
 import json
 import mmap
 import os
-import signal
 import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,8 +48,6 @@ CHUNK = 16 << 20  # staging buffer: large enough that syscalls and thread hand-o
 DIRECT_ALIGN = 4096  # O_DIRECT wants block-aligned buffers, offsets and lengths
 MAX_ALIGN = 1 << 30
 TMP_SUFFIX = ".tmp"
-# Test hook: SIGKILL this process once this many shard bytes have been written (tests/test_repack.py).
-KILL_ENV = "GPTOSS_REPACK_KILL_AFTER_BYTES"
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -302,12 +299,8 @@ class _Files:
 # ---------------------------------------------------------------------------- writing a shard
 
 def _write(fd: int, data: memoryview) -> int:
+    """One write(2): may write less than asked."""
     return os.write(fd, data)
-
-
-def _write_fully(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[_write(fd, data):]
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -322,23 +315,11 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
-class _KillSwitch:
-    """The KILL_ENV test hook: write up to the limit, then die like `kill -9` would make us."""
+@dataclass
+class _Written:
+    """Shard bytes written by this run (updated by the writer thread, read once it has finished)."""
 
-    def __init__(self) -> None:
-        value = os.environ.get(KILL_ENV)
-        self.limit = int(value) if value else None
-        self.written = 0
-
-    def write(self, fd: int, data: memoryview) -> int:
-        """One write(2) of data's start; returns the bytes written (maybe fewer than asked)."""
-        if self.limit is not None and self.written + len(data) >= self.limit:
-            _set_direct(fd, False)  # the cut may fall anywhere, O_DIRECT takes whole blocks only
-            _write_fully(fd, data[:self.limit - self.written])
-            os.kill(os.getpid(), signal.SIGKILL)
-        n = _write(fd, data)
-        self.written += n
-        return n
+    bytes: int = 0
 
 
 class _ShardWriter:
@@ -351,9 +332,9 @@ class _ShardWriter:
     align). Measured on our VMs: 1.7 GB/s with O_DIRECT, 360 MB/s through the page cache + fdatasync.
     """
 
-    def __init__(self, fd: int, kill: _KillSwitch, bar: ProgressBar, direct: bool):
+    def __init__(self, fd: int, written: _Written, bar: ProgressBar, direct: bool):
         self.fd = fd
-        self.kill = kill
+        self.total = written
         self.bar = bar
         self.direct = direct and _set_direct(fd, True)
         self.sha = hashlib.sha256()
@@ -370,7 +351,7 @@ class _ShardWriter:
         end = self.written + len(data)
         while len(data):
             try:
-                n = self.kill.write(self.fd, data)
+                n = _write(self.fd, data)
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
@@ -380,6 +361,7 @@ class _ShardWriter:
                 self.direct = False
                 continue
             data = data[n:]
+            self.total.bytes += n
         if not self.direct:
             # DONTNEED starts writeback of the dirty pages just written (Linux: WB_SYNC_NONE) and drops the
             # previous buffer's, clean by now. Without it nothing reaches the disk until dirty pages pass
@@ -441,13 +423,13 @@ def _prefetch(files: _Files, sources: list[list[TensorRange]]) -> None:
             files.prefetch(r.path, r.offset, min(r.nbytes, CHUNK))
 
 
-def write_shard(path: Path, shard: ShardPlan, src, files: _Files, kill: _KillSwitch, bar: ProgressBar,
+def write_shard(path: Path, shard: ShardPlan, src, files: _Files, written: _Written, bar: ProgressBar,
                 direct: bool = True) -> tuple[str, list[str]]:
     """Write one shard to `path` and fsync it; returns (shard sha256, sha256 of each record)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     # Every write (CHUNK bytes, or a shard's tail) is then block-aligned.
     aligned = all(n % DIRECT_ALIGN == 0 for n in (len(shard.header), *(p.length for p in shard.records)))
-    writer = _ShardWriter(fd, kill, bar, direct=direct and aligned)
+    writer = _ShardWriter(fd, written, bar, direct=direct and aligned)
     try:
         writer.put(shard.header)
         record_shas = []
@@ -607,7 +589,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         raise RuntimeError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on that "
                            f"filesystem; nothing written")
     files = _Files(ckpt.files())
-    kill = _KillSwitch()
+    written = _Written()
     current: Path | None = None
     try:
         if status == "fresh":
@@ -616,7 +598,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
             for i in todo:
                 s = shards[i]
                 current = dst / (s.file + ".partial")
-                digest, record_shas = write_shard(current, s, ckpt, files, kill, bar)
+                digest, record_shas = write_shard(current, s, ckpt, files, written, bar)
                 manifest["shards"][i]["sha256"] = digest
                 for placed, sha in zip(s.records, record_shas):
                     record_entry(manifest, placed.record)["sha256"] = sha
@@ -636,7 +618,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         if _disk_error(e):
             raise RuntimeError(f"{dst}: disk full while writing {current.name if current else 'the manifest'} "
                                f"({e.strerror}); completed shards are kept: free "
-                               f"{format_bytes(need - kill.written)} or more and re-run the same command to "
+                               f"{format_bytes(need - written.bytes)} or more and re-run the same command to "
                                f"resume") from None
         raise
     except BaseException:
@@ -645,7 +627,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         raise
     finally:
         files.close()
-    return RepackResult(dst, len(shards), kill.written, sum(s.size for s in shards), 0.0,
+    return RepackResult(dst, len(shards), written.bytes, sum(s.size for s in shards), 0.0,
                         "resumed" if status == "resume" else "written")
 
 

@@ -43,13 +43,59 @@ def manifest(d: Path) -> dict:
     return json.loads((d / MANIFEST).read_text())
 
 
-def run_cli(*args: str, env: dict | None = None, wait: bool = True):
+def run_cli(*args: str, wait: bool = True):
     """`gptoss repack ...` in a child process (so it can be killed like a real run)."""
     cmd = [sys.executable, "-m", "gptoss_stream.cli", "repack", *args, "--quiet"]
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+
+
+# A child `gptoss repack` that stops once `limit` shard bytes are written (the cut may fall anywhere: O_DIRECT
+# is switched off for the last write) and says so on stdout; the test then kills it from outside.
+_STOP_AFTER = """
+import fcntl, os, sys, time
+limit, written, real_write = int(sys.argv.pop(1)), 0, os.write
+
+def write(fd, data):
+    global written
+    if not os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors.partial"):
+        return real_write(fd, data)
+    data = memoryview(data)
+    if written + len(data) >= limit:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        cut = data[:limit - written]
+        while len(cut):
+            cut = cut[real_write(fd, cut):]
+        print("stopped", flush=True)
+        while True:
+            time.sleep(60)
+    n = real_write(fd, data)
+    written += n
+    return n
+
+os.write = write
+from gptoss_stream.cli import main
+sys.exit(main())
+"""
+
+
+def kill_9_after(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`gptoss repack ...` in a child process, killed with SIGKILL once it has written `limit` shard bytes."""
+    cmd = [sys.executable, "-c", _STOP_AFTER, str(limit), "repack", *args, "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "" if it finished (or failed) before the limit
+        if line == "stopped\n":
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, line + out, err)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +311,7 @@ def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoi
     # inside the first header; mid-shard; after the last byte of shard 0 (before its fsync and rename);
     # on the first byte of shard 1 (shard 0 done); on the first byte of shard 2.
     for kill_after, done in ((1, 0), (sizes[0] // 2, 0), (sizes[0], 0), (sizes[0] + 1, 1), (sizes[1] + 1, 2)):
-        r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: str(kill_after)})
+        r = kill_9_after(kill_after, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
         assert r.returncode == -signal.SIGKILL, r.stderr
         assert not (dst / MANIFEST).exists()  # partial output never looks complete
         assert [(dst / s["file"]).exists() for s in shards] == [i < done for i in range(len(shards))]
@@ -279,7 +325,7 @@ def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoi
 def test_kill_at_end_of_last_shard_and_before_commit(micro_checkpoint, micro_ref, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
     total = sum(s["size"] for s in manifest(micro_ref)["shards"])
-    r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: str(total)})
+    r = kill_9_after(total, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
     assert r.returncode == -signal.SIGKILL and not (dst / MANIFEST).exists()
     assert rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False).status == "resumed"
     assert digest(dst) == digest(micro_ref)
@@ -320,7 +366,7 @@ def test_rerun_after_completion_does_nothing_and_verifies(micro_checkpoint, micr
 
 def test_resume_with_other_options_is_refused(micro_checkpoint, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
-    r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: "5000"})
+    r = kill_9_after(5000, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
     assert r.returncode == -signal.SIGKILL
     with pytest.raises(ValueError, match="interrupted repack of another source or with other options"):
         rp.repack(src, dst, shard_size=MICRO_SHARD, align=8192, progress=False)
