@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss_stream.checkpoint import EXPERT_PIECES, TensorRange, original_tensors
+from gptoss_stream.checkpoint import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.errors import UserError
 
@@ -208,11 +208,6 @@ class MemoryPlan:
                 f"{format_size(self.scratch)}, reserve {format_size(self.reserve)}, expert cache "
                 f"{format_size(self.expert_cache)} = {self.expert_slots} of {self.total_experts} experts "
                 f"({share:.0%})")
-
-
-# Expert pieces used in place from the mapping (expert_cache.split_expert): the bf16 biases, small tensors
-# stored among the dense weights. They live in the page cache with the dense weights.
-MAPPED_EXPERT_PIECES = ("mlp.mlp1_bias", "mlp.mlp2_bias")
 
 
 def _is_streamed(name: str) -> bool:

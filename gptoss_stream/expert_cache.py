@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream.checkpoint import ExpertWeights, TensorRange
+from gptoss_stream.checkpoint import EXPERT_PIECES, MAPPED_EXPERT_PIECES, ExpertWeights, TensorRange
 from gptoss_stream.experts import ExpertRequest, ExpertStats
 from gptoss_stream.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, PageCacheFill, ReadJob, RecordLayout, \
     aligned_buffer, plan_record, unmap
@@ -102,11 +102,11 @@ def _expert_views(weights: ExpertWeights) -> tuple[np.ndarray, ...]:
 def split_expert(checkpoint, layer: int, e: int) -> tuple[ExpertWeights, list[int | None], list[TensorRange]]:
     """Which of an expert's pieces are read into a slot and which are used from the mapping.
 
-    In the original and HF layouts the bf16 biases are tensors of their own, stored among the dense bf16
-    weights (the safetensors writer sorts by dtype), 16 KB per expert against 13 MB of MXFP4: reading
-    them with O_DIRECT would cost four extra small reads per expert. They are used in place instead and
-    kept in the page cache with the dense weights (budget.dense_ranges). A piece that shares its range
-    with others (a repacked record) is read with them.
+    In the original and HF layouts the bf16 biases (checkpoint.MAPPED_EXPERT_PIECES) are tensors of their
+    own, stored among the dense bf16 weights (the safetensors writer sorts by dtype), 16 KB per expert
+    against 13 MB of MXFP4: reading them with O_DIRECT would cost four extra small reads per expert. They
+    are used in place instead and kept in the page cache with the dense weights (budget.dense_ranges). A
+    piece that shares its range with others (a repacked record) is read with them.
 
     Returns the mapped weights, per view the index of its range in the read list (None: from the mapping),
     and the read list.
@@ -124,7 +124,7 @@ def split_expert(checkpoint, layer: int, e: int) -> tuple[ExpertWeights, list[in
         else:
             raise ValueError(f"expert ({layer}, {e}): a weight view lies outside its byte ranges")
     alone = [owner.count(i) == 1 for i in range(len(ranges))]
-    in_place = {i for view, i in zip(_expert_views(mapped), owner) if alone[i] and view.dtype == np.uint16}
+    in_place = {i for name, i in zip(EXPERT_PIECES, owner) if alone[i] and name in MAPPED_EXPERT_PIECES}
     read = [r for i, r in enumerate(ranges) if i not in in_place]
     index = {i: n for n, i in enumerate(i for i in range(len(ranges)) if i not in in_place)}
     return mapped, [index.get(i) for i in owner], read

@@ -146,6 +146,22 @@ def unmap(mapping: memoryview) -> bool:
 # ---------------------------------------------------------------------------- synchronous reads
 
 
+def pread_into(fd: int, view: memoryview, offset: int, need: int | None = None, block: int = 1) -> tuple[int, int]:
+    """The pread loop: read the file from `offset` into `view` until `need` bytes (default all of view) are
+    in or the file ends; returns (bytes read, preadv calls). Fewer bytes than needed: the file ended (with
+    O_DIRECT, pass block=ALIGN: a read that is not a whole number of blocks short of `need` is the end).
+    OSError passes through."""
+    need = len(view) if need is None else need
+    got = calls = 0
+    while got < need:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        calls += 1
+        got += n
+        if n == 0 or n % block:
+            break
+    return got, calls
+
+
 @dataclass
 class ReadCounters:
     reads: int = 0          # pread calls
@@ -195,24 +211,22 @@ class FileReader:
         got = calls = 0
         started = time.perf_counter()
         try:
-            while got < need:
+            while True:
                 try:
-                    n = os.preadv(fd, [view[got:]], extent.file_offset + got)
+                    got, calls = pread_into(fd, view, extent.file_offset, need, ALIGN if direct else 1)
+                    break
                 except OSError as e:
-                    if direct and e.errno == errno.EINVAL and got == 0:
-                        # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer):
-                        # fall back to buffered reads for this file.
-                        fd, direct = self._reopen_buffered(extent.path)
-                        continue
-                    raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset + got} "
-                                    f"failed: {e.strerror}") from None
-                if n == 0 or (direct and n % ALIGN and got + n < need):
-                    size = os.fstat(fd).st_size
-                    raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got + n} "
-                                    f"while reading bytes {extent.file_offset}..{extent.needed_end} "
-                                    f"(file is {size} bytes; truncated or replaced while running?)")
-                got += n
-                calls += 1
+                    if not (direct and e.errno == errno.EINVAL):
+                        raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset} "
+                                        f"failed: {e.strerror}") from None
+                    # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer): read the
+                    # extent again with buffered reads, and use them for this file from now on.
+                    fd, direct = self._reopen_buffered(extent.path)
+            if got < need:
+                size = os.fstat(fd).st_size
+                raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got} "
+                                f"while reading bytes {extent.file_offset}..{extent.needed_end} "
+                                f"(file is {size} bytes; truncated or replaced while running?)")
         finally:
             with self._lock:  # shared by the I/O threads, read by --stats
                 self.counters.reads += calls

@@ -37,6 +37,7 @@ from gptoss_stream.budget import size_argument
 from gptoss_stream.checkpoint import Checkpoint, TensorRange
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.progress import ProgressBar, format_bytes
+from gptoss_stream.reader import pread_into
 from gptoss_stream.repacked import (
     DEFAULT_ALIGN, FORMAT_NAME, FORMAT_VERSION, MANIFEST, MANIFEST_PARTIAL, SHARD_METADATA, SHARD_PREFIX,
     Record, RepackedCheckpoint, config_to_json, expert_pieces, read_manifest, records, round_up,
@@ -278,13 +279,10 @@ class _Files:
             raise
 
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        fd, done = self.fds[path], 0
-        while done < len(out):
-            n = os.preadv(fd, [out[done:]], offset + done)
-            if n == 0:
-                raise RuntimeError(f"{path}: ends at byte {offset + done}, expected data up to "
-                                   f"{offset + len(out)} (file truncated?)")
-            done += n
+        done, _ = pread_into(self.fds[path], out, offset)
+        if done < len(out):
+            raise RuntimeError(f"{path}: ends at byte {offset + done}, expected data up to "
+                               f"{offset + len(out)} (file truncated?)")
 
     def prefetch(self, path: str, offset: int, n: int) -> None:
         """Ask the kernel to start reading ahead (returns at once): the disk works while we hash."""
