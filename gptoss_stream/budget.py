@@ -24,6 +24,7 @@ from pathlib import Path
 from gptoss_stream.checkpoint import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.errors import UserError
+from gptoss_stream.progress import format_bytes
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -68,10 +69,8 @@ def size_argument(text: str) -> int:
 
 
 def format_size(n: float) -> str:
-    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    """Memory sizes in binary units (1.50 GiB), like the budgets they are compared with."""
+    return format_bytes(n, binary=True)
 
 
 def _read_int(path: Path) -> int | None:
