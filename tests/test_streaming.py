@@ -7,6 +7,7 @@ bytes, and the model consumes experts in the same (sorted) order whatever the st
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import threading
@@ -393,6 +394,9 @@ def test_cli_stats(tiny_original, capsys, monkeypatch):
     assert "[stats] plan: RAM budget 1.00 GiB" in err
     assert "[stats] decode: 2 tokens" in err and "hit rate" in err and "prediction accuracy" in err
     assert "[stats-json] {" in err
+    stats = json.loads(err.split("[stats-json] ", 1)[1].splitlines()[0])
+    layers = Checkpoint.open(tiny_original).config.num_hidden_layers
+    assert stats["decode"]["requests"] >= 2 * layers and stats["prefill"]["requests"] >= layers
     rc = cli.main(["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "2", "-t", "0",
                    "--mmap-only", "--stats"])
     assert rc == 0
