@@ -24,6 +24,7 @@ from pathlib import Path
 from gptoss_stream.checkpoint import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
 from gptoss_stream.errors import UserError
+from gptoss_stream.kvcache import layer_capacity
 from gptoss_stream.progress import format_bytes
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -258,13 +259,8 @@ def dense_ranges(checkpoint) -> list[TensorRange]:
 def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) -> int:
     """Bytes of kvcache.KVCache(config, context_length, max_chunk) once every position is written."""
     row = 2 * config.num_key_value_heads * config.head_dim * 2  # keys + values, bf16
-    total = 0
-    for layer in range(config.num_hidden_layers):
-        rows = context_length
-        if config.is_sliding(layer):
-            rows = min(context_length, config.sliding_window + max_chunk - 1)
-        total += rows * row
-    return total
+    return sum(layer_capacity(config, layer, context_length, max_chunk) * row
+               for layer in range(config.num_hidden_layers))
 
 
 def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:

@@ -12,6 +12,13 @@ class ContextFullError(UserError, ValueError):
     """The sequence would grow past the context length the cache was made for."""
 
 
+def layer_capacity(config: ModelConfig, layer: int, context_length: int, max_chunk: int) -> int:
+    """Rows of a layer's cache (see KVCache): the context length, or a sliding layer's ring."""
+    if config.is_sliding(layer):
+        return min(context_length, config.sliding_window + max_chunk - 1)
+    return context_length
+
+
 class KVCache:
     """Keys and values of every layer, bf16 bits in [capacity, n_kv_heads, head_dim] arrays.
 
@@ -37,10 +44,7 @@ class KVCache:
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         for layer in range(config.num_hidden_layers):
-            if config.is_sliding(layer):
-                capacity = min(context_length, config.sliding_window + max_chunk - 1)
-            else:
-                capacity = context_length
+            capacity = layer_capacity(config, layer, context_length, max_chunk)
             self.keys.append(np.zeros((capacity, *shape), dtype=np.uint16))
             self.values.append(np.zeros((capacity, *shape), dtype=np.uint16))
 
