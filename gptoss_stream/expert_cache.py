@@ -312,11 +312,7 @@ class StreamingExpertStore:
                 stats.hits += 1
                 if entry.state in UNJUDGED:
                     stats.prefetch_used += 1
-                if entry.state in READ_RUNNING:
-                    self._set(entry, WANT_LOADING)
-                    self.io.promote(entry.job)
-                else:
-                    self._set(entry, WANT)
+                self._claim(entry)
             self._issue_missing()
 
         def end() -> None:
@@ -409,6 +405,9 @@ class StreamingExpertStore:
                 elif entry.state == FAILED:
                     self._drop(entry)
                     raise entry.error
+                elif entry.state != WANT_LOADING:
+                    self._claim(entry)  # entered after the request (a guess for this very layer): ours now
+                    continue
                 else:
                     self._issue_missing()  # keep the disk busy with the rest of this layer meanwhile
                 if not self.io.alive:
@@ -433,6 +432,14 @@ class StreamingExpertStore:
         del self._layers[entry.layer][entry.expert]
         entry.weights = None
         self._free.append(entry.slot)
+
+    def _claim(self, entry: _Entry) -> None:
+        """The open request takes an entry that is read or being read (a hit)."""
+        if entry.state in READ_RUNNING:
+            self._set(entry, WANT_LOADING)
+            self.io.promote(entry.job)
+        else:
+            self._set(entry, WANT)
 
     def _reject(self, entry: _Entry) -> None:
         """The router did not take this guess: cancel its read if it has not started, else evict it first."""

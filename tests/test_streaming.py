@@ -681,6 +681,9 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
                     elif mode != "none":
                         for i, (e, w) in enumerate(req):
                             assert np.array_equal(w.mlp1_blocks, expected[layer, e])
+                            if rng.random() < 0.2:  # a guess while an expert is in use, for any layer
+                                store.prefetch(rng.randrange(cfg.num_hidden_layers), experts())
+                                store.check_invariants()
                             if mode == "some" and rng.random() < 0.5:
                                 break
                 except ReadError:
@@ -732,3 +735,24 @@ def test_cli_tells_bad_input_from_bugs(tiny_original, tmp_path, capsys, monkeypa
     assert cli.main(args + ["-m", str(tiny_original), "--ram-budget", "1G"]) == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "an internal inconsistency" in err and "bug" in err
+
+
+def test_a_guess_for_the_layer_being_consumed_is_taken_by_the_request(tiny_original):
+    """An expert of the open request evicted so an earlier one could be read, then guessed for that same
+    layer before the consumer reaches it: the consumer takes the guess instead of waiting for it for ever."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        request_all(store, 0, [1, 2])  # both slots: 1 and 2 cached
+
+        def consume():
+            got = []
+            with store.request(0, [0, 1, 2]) as routed:  # 0 misses: it takes 2's slot (2 comes later)
+                for e, w in routed:
+                    got.append(e)
+                    if e == 1:
+                        store.prefetch(0, [2])  # 0 is done: the guess takes its slot and reads 2
+                        assert store.states()[0, 2] in ("guess-loading", "guess")
+            return got
+
+        assert in_thread(consume, timeout=20) == [0, 1, 2]
+        store.check_invariants()
