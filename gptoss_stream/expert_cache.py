@@ -195,13 +195,21 @@ class _Request:
 class StreamingExpertStore:
     """Experts read into `slots` RAM-resident record buffers, replaced per layer by `policy`.
 
-    Every entry is in one state of TRANSITIONS (checked on every change unless Python runs with -O):
+    Every entry is in one state; TRANSITIONS holds this table (tests check they agree) and every change is
+    checked against it unless Python runs with -O. When an entry leaves the table (its slot freed) is
+    TRANSITIONS' comment.
 
-        GUESS_LOADING --read--> GUESS --routed--> WANT --consumed--> IN_USE --next expert--> CACHED
-             |  \\--routed--> WANT_LOADING --read--> WANT            (request ended: WANT -> CACHED,
-             |                     \\--request ended--> LOADING --read--> CACHED      IN_USE -> CACHED)
-             \\--not routed--> REJECTED_LOADING --read--> REJECTED           CACHED, REJECTED --routed--> WANT
-        any read --fails--> FAILED                                          LOADING, REJECTED_LOADING --routed--> WANT_LOADING
+        state             read     held by                                 may become
+        GUESS_LOADING     running  a guess the router has not judged yet   GUESS, WANT_LOADING, REJECTED_LOADING, FAILED
+        GUESS             done     the same, read                          WANT, REJECTED
+        WANT_LOADING      running  the open request                        WANT, LOADING, FAILED
+        WANT              done     the open request, not consumed yet      IN_USE, CACHED
+        IN_USE            done     the consumer, computing with it         CACHED
+        CACHED            done     nobody: the replacement policy's        WANT
+        LOADING           running  nobody (its request ended)              CACHED, WANT_LOADING, FAILED
+        REJECTED_LOADING  running  a guess the router did not take         REJECTED, WANT_LOADING, FAILED
+        REJECTED          done     the same, read: evicted first           WANT
+        FAILED            failed   its error, for whoever needs it next    -
 
     A request owns its entries (WANT_LOADING, WANT, IN_USE) until it ends: closed, left (`with`), or
     replaced by the next request, so a request that is dropped unstarted cannot keep them.

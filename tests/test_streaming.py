@@ -756,3 +756,16 @@ def test_a_guess_for_the_layer_being_consumed_is_taken_by_the_request(tiny_origi
 
         assert in_thread(consume, timeout=20) == [0, 1, 2]
         store.check_invariants()
+
+
+def test_the_state_table_in_the_docstring_is_the_one_enforced():
+    from gptoss_stream import expert_cache
+
+    doc = StreamingExpertStore.__doc__
+    rows = doc[doc.index("may become"):].split("\n\n")[0].splitlines()[1:]
+    table = {}
+    for row in rows:
+        state, _, rest = row.strip().partition(" ")
+        table[getattr(expert_cache, state)] = {getattr(expert_cache, s.strip()) for s in rest.split("  ")[-1].split(",")
+                                               if s.strip() != "-"}
+    assert table == {k: set(v) for k, v in expert_cache.TRANSITIONS.items()}
