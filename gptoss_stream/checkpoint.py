@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_stream.config import ModelConfig, config_flavour, load_config, read_config_json
+from gptoss_stream.errors import CheckpointError
 from gptoss_stream.safetensors_file import SafetensorsFile
 
 ORIGINAL = "original"
@@ -487,3 +488,12 @@ class Checkpoint(NamedWeights):
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self._files)} file(s))"
+
+
+def open_checkpoint(path: str | os.PathLike, format: str | None = None) -> NamedWeights:
+    """Checkpoint.open for a path the user gave: a missing, incomplete or damaged checkpoint is a
+    CheckpointError (a user error) with the reader's message."""
+    try:
+        return Checkpoint.open(path, format)
+    except (ValueError, OSError) as e:  # opening validates every file, header, dtype and shape
+        raise CheckpointError(str(e)) from e

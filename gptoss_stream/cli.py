@@ -57,14 +57,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def open_model(args: argparse.Namespace):
     """The checkpoint, the expert store the options ask for, and the Model that owns both (close it, or use
     it in `with`); whatever was opened is closed again if a step fails."""
-    from gptoss_stream.checkpoint import Checkpoint
-    from gptoss_stream.errors import CheckpointError
+    from gptoss_stream.checkpoint import open_checkpoint
     from gptoss_stream.model import Model
 
-    try:
-        checkpoint = Checkpoint.open(args.model)
-    except (ValueError, OSError) as e:  # opening validates every file, header and shape: all input problems
-        raise CheckpointError(str(e)) from e
+    checkpoint = open_checkpoint(args.model)
     store = args.plan = None
     try:
         if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
@@ -296,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # These commands predate UserError and raise ValueError/RuntimeError with a message for bad input: the
 # message alone stays what the user sees for those (until their raise sites use UserError).
-LEGACY_USER_ERRORS = {name: (ValueError, RuntimeError) for name in ("make-checkpoint", "repack", "memprof")}
+LEGACY_USER_ERRORS = {name: (ValueError, RuntimeError) for name in ("make-checkpoint", "memprof")}
 
 
 # Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.

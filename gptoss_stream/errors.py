@@ -14,3 +14,12 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """The checkpoint folder is missing, incomplete or damaged."""
+
+
+class InputError(UserError, ValueError):
+    """An argument or a destination the command cannot use as given (a bad option, an occupied folder)."""
+
+
+class DataError(UserError, RuntimeError):
+    """Data or the machine failed a check: a file differs from its manifest or its source, a file ended
+    early, the disk is full."""

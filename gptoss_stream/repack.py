@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from gptoss_stream.budget import size_argument
-from gptoss_stream.checkpoint import Checkpoint, TensorRange
+from gptoss_stream.checkpoint import TensorRange, open_checkpoint
 from gptoss_stream.config import ModelConfig
+from gptoss_stream.errors import CheckpointError, DataError, InputError
 from gptoss_stream.progress import ProgressBar, format_bytes
 from gptoss_stream.reader import pread_into
 from gptoss_stream.repacked import (
@@ -138,9 +139,9 @@ def plan(cfg: ModelConfig, shard_size: int = DEFAULT_SHARD_SIZE, align: int = DE
 
 def check_options(shard_size: int, align: int) -> None:
     if isinstance(align, bool) or not isinstance(align, int) or align < 8 or align > MAX_ALIGN or align & (align - 1):
-        raise ValueError(f"--align must be a power of two between 8 and {MAX_ALIGN}, got {align!r}")
+        raise InputError(f"--align must be a power of two between 8 and {MAX_ALIGN}, got {align!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-        raise ValueError(f"--shard-size must be a positive number of bytes, got {shard_size!r}")
+        raise InputError(f"--shard-size must be a positive number of bytes, got {shard_size!r}")
 
 
 # ---------------------------------------------------------------------------- the manifest
@@ -192,7 +193,7 @@ def record_entry(m: dict[str, Any], r: Record) -> dict[str, Any]:
     for d in m["dense"]:
         if d.get("name") == r.name:
             return d
-    raise ValueError(f"manifest has no record {r.name!r}")
+    raise CheckpointError(f"manifest has no record {r.name!r}")
 
 
 def without_hashes(m: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +262,7 @@ def source_ranges(src, r: Record) -> list[list[TensorRange]]:
                 out.append([src.tensor_range(t.name)])
     for t, ranges in zip(r.tensors, out):
         if sum(x.nbytes for x in ranges) != t.nbytes:
-            raise RuntimeError(f"{t.name}: the source has {sum(x.nbytes for x in ranges)} bytes for it, "
+            raise DataError(f"{t.name}: the source has {sum(x.nbytes for x in ranges)} bytes for it, "
                                f"expected {t.nbytes}")
     return out
 
@@ -281,7 +282,7 @@ class _Files:
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         done, _ = pread_into(self.fds[path], out, offset)
         if done < len(out):
-            raise RuntimeError(f"{path}: ends at byte {offset + done}, expected data up to "
+            raise DataError(f"{path}: ends at byte {offset + done}, expected data up to "
                                f"{offset + len(out)} (file truncated?)")
 
     def prefetch(self, path: str, offset: int, n: int) -> None:
@@ -481,7 +482,7 @@ def _load_existing(path: Path) -> dict[str, Any] | None:
 def prepare_destination(dst: Path, skeleton: dict[str, Any], force: bool) -> tuple[str, dict[str, Any] | None]:
     """('fresh', None) | ('resume', partial manifest) | ('complete', manifest). Refuses a foreign DST unless force."""
     if dst.exists() and not dst.is_dir():
-        raise ValueError(f"{dst}: exists and is not a directory")
+        raise InputError(f"{dst}: exists and is not a directory")
     if not dst.exists():
         return "fresh", None
     final, partial = dst / MANIFEST, dst / MANIFEST_PARTIAL
@@ -491,17 +492,17 @@ def prepare_destination(dst: Path, skeleton: dict[str, Any], force: bool) -> tup
             existing = _load_existing(final)
             if existing is not None and without_hashes(existing) == plan_only:
                 return "complete", existing
-            raise ValueError(f"{dst}: already holds a repacked checkpoint (of another source or with other options); "
+            raise InputError(f"{dst}: already holds a repacked checkpoint (of another source or with other options); "
                              f"use --force to overwrite it")
         if partial.is_file():
             existing = _load_existing(partial)
             if existing is not None and without_hashes(existing) == plan_only:
                 return "resume", existing
-            raise ValueError(f"{dst}: holds an interrupted repack of another source or with other options; re-run "
+            raise InputError(f"{dst}: holds an interrupted repack of another source or with other options; re-run "
                              f"that command to finish it, or use --force to start over")
         foreign = [p for p in dst.iterdir() if not _is_leftover(p)]
         if foreign:
-            raise ValueError(f"{dst}: already exists and holds {foreign[0].name} (use --force to overwrite)")
+            raise InputError(f"{dst}: already exists and holds {foreign[0].name} (use --force to overwrite)")
     for p in dst.iterdir():
         if _is_ours(p) and p.is_file():
             p.unlink()
@@ -537,9 +538,9 @@ def repack(src: str | os.PathLike, dst: str | os.PathLike, shard_size: int = DEF
     start = time.monotonic()
     # Opening the source validates every header, dtype and shape: a corrupt or truncated source fails here,
     # before anything is written.
-    with Checkpoint.open(src) as ckpt:
+    with open_checkpoint(src) as ckpt:
         if dst.resolve() == Path(ckpt.path).resolve():
-            raise ValueError(f"{dst}: is the source checkpoint's own directory; choose another DST")
+            raise InputError(f"{dst}: is the source checkpoint's own directory; choose another DST")
         cfg = ckpt.config
         shards = plan(cfg, shard_size, align)
         skeleton = build_manifest(cfg, shards, align, shard_size, source_identity(ckpt))
@@ -549,7 +550,7 @@ def repack(src: str | os.PathLike, dst: str | os.PathLike, shard_size: int = DEF
             try:  # cheap: sizes, headers and record places, not the data (that is --verify)
                 RepackedCheckpoint.open(dst).close()
             except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f"{dst}: damaged ({e}); use --force to rewrite it") from None
+                raise InputError(f"{dst}: damaged ({e}); use --force to rewrite it") from None
             result = RepackResult(dst, len(shards), 0, total, time.monotonic() - start, status)
         else:
             result = _write_all(ckpt, dst, shards, skeleton if manifest is None else manifest, status, progress)
@@ -584,7 +585,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         free = fs.f_bavail * fs.f_frsize
         if created:
             dst.rmdir()
-        raise RuntimeError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on that "
+        raise DataError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on that "
                            f"filesystem; nothing written")
     files = _Files(ckpt.files())
     written = _Written()
@@ -614,7 +615,7 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         if current is not None:
             current.unlink(missing_ok=True)
         if _disk_error(e):
-            raise RuntimeError(f"{dst}: disk full while writing {current.name if current else 'the manifest'} "
+            raise DataError(f"{dst}: disk full while writing {current.name if current else 'the manifest'} "
                                f"({e.strerror}); completed shards are kept: free "
                                f"{format_bytes(need - written.bytes)} or more and re-run the same command to "
                                f"resume") from None
@@ -635,9 +636,13 @@ def verify_repack(dst: str | os.PathLike, src: str | os.PathLike, progress: bool
     """Re-read DST and check every byte: each record's tensors equal the source's bytes, padding is zero,
     and every record's and shard's sha256 equals the manifest. Returns the bytes checked; RuntimeError on
     the first difference."""
-    with RepackedCheckpoint.open(dst) as rp, Checkpoint.open(src) as ck:
+    try:
+        rp = RepackedCheckpoint.open(dst)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from e
+    with rp, open_checkpoint(src) as ck:
         if rp.config != ck.config:
-            raise RuntimeError(f"{dst}: its config differs from {src}'s")
+            raise DataError(f"{dst}: its config differs from {src}'s")
         m = rp.manifest
         by_shard: dict[int, list[tuple[Record, dict[str, Any]]]] = {}
         for r in records(rp.config):
@@ -687,7 +692,7 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
         sources = [source_ranges(src, r) for r, _ in recs]
         for j, (r, entry) in enumerate(recs):
             if entry["offset"] != pos:
-                raise RuntimeError(f"{f.path}: record {r.name} starts at {entry['offset']}, expected {pos} "
+                raise DataError(f"{f.path}: record {r.name} starts at {entry['offset']}, expected {pos} "
                                    f"(records must cover the shard without gaps)")
             if j + 1 < len(sources):
                 _prefetch(src_files, sources[j + 1])
@@ -695,7 +700,7 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
             for t, ranges in zip(r.tensors, sources[j]):
                 info = f.info(t.name)
                 if info.offset != pos:
-                    raise RuntimeError(f"{f.path}: tensor {t.name} is at byte {info.offset}, expected {pos}")
+                    raise DataError(f"{f.path}: tensor {t.name} is at byte {info.offset}, expected {pos}")
                 for s in ranges:
                     done = 0
                     while done < s.nbytes:
@@ -708,7 +713,7 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
                         if not np.array_equal(np.frombuffer(got, word), np.frombuffer(want, word)):
                             a, b = np.frombuffer(got, np.uint8), np.frombuffer(want, np.uint8)
                             first = int(np.flatnonzero(a != b)[0])
-                            raise RuntimeError(f"{f.path}: tensor {t.name} differs from the source at its byte "
+                            raise DataError(f"{f.path}: tensor {t.name} differs from the source at its byte "
                                                f"{pos + first - info.offset} ({s.path} byte {s.offset + done + first})")
                         pos += n
                         done += n
@@ -716,18 +721,18 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
             while pos < end:
                 got = read(pos, min(CHUNK, end - pos), rsha)
                 if np.frombuffer(got, np.uint8).any():
-                    raise RuntimeError(f"{f.path}: padding of record {r.name} is not zero")
+                    raise DataError(f"{f.path}: padding of record {r.name} is not zero")
                 pos += len(got)
             if rsha.hexdigest() != entry["sha256"]:
-                raise RuntimeError(f"{f.path}: record {r.name} sha256 {rsha.hexdigest()} differs from the manifest's "
+                raise DataError(f"{f.path}: record {r.name} sha256 {rsha.hexdigest()} differs from the manifest's "
                                    f"{entry['sha256']}")
         if pos != f.size:
-            raise RuntimeError(f"{f.path}: {f.size - pos} bytes after the last record")
+            raise DataError(f"{f.path}: {f.size - pos} bytes after the last record")
         for job in pending:
             if job is not None:
                 job.result()
         if sha.hexdigest() != shard["sha256"]:
-            raise RuntimeError(f"{f.path}: sha256 {sha.hexdigest()} differs from the manifest's {shard['sha256']}")
+            raise DataError(f"{f.path}: sha256 {sha.hexdigest()} differs from the manifest's {shard['sha256']}")
     finally:
         for job in pending:
             if job is not None:

@@ -395,6 +395,19 @@ def test_existing_dst_refused_without_force(micro_checkpoint, micro_ref, tmp_pat
     assert "source checkpoint's own directory" in capsys.readouterr().err
 
 
+def test_cli_shows_a_bug_in_repack_with_its_traceback(micro_checkpoint, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal inconsistency")
+
+    monkeypatch.setattr(rp, "plan", broken)
+    assert main(["repack", str(micro_checkpoint / "original"), str(tmp_path / "out"), "--quiet"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal inconsistency" in err
+    assert main(["repack", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gptoss: error:") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "missing_tensor", "no_config"])
 def test_corrupt_source_fails_before_writing(micro_checkpoint, tmp_path, damage):
     src = tmp_path / "src"
