@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gptoss_stream.checkpoint import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
 from gptoss_stream.config import ModelConfig
-from gptoss_stream.errors import UserError
+from gptoss_stream.errors import InputError, UserError
 from gptoss_stream.kvcache import layer_capacity
 from gptoss_stream.progress import format_bytes
 
@@ -52,10 +52,10 @@ def parse_size(text: str) -> int:
     """'4G' -> 4 GiB, '3.5G', '800M', '512MiB', '4GB' (10^9), '1000' (bytes)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
+        raise InputError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
     n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
+        raise InputError(f"size must be positive, got {text!r}")
     return n
 
 

@@ -290,21 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# These commands predate UserError and raise ValueError/RuntimeError with a message for bad input: the
-# message alone stays what the user sees for those (until their raise sites use UserError).
-LEGACY_USER_ERRORS = {name: (ValueError, RuntimeError) for name in ("make-checkpoint", "memprof")}
-
-
 # Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def is_user_error(e: BaseException, args: argparse.Namespace) -> bool:
+def is_user_error(e: BaseException) -> bool:
     from gptoss_stream.errors import UserError
 
-    return (isinstance(e, (UserError, *USER_OS_ERRORS, *LEGACY_USER_ERRORS.get(args.command, ())))
-            or isinstance(e, OSError) and e.errno in USER_ERRNOS)
+    return isinstance(e, (UserError, *USER_OS_ERRORS)) or isinstance(e, OSError) and e.errno in USER_ERRNOS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:
-        if is_user_error(e, args):
+        if is_user_error(e):
             print(f"gptoss: error: {e}", file=sys.stderr)
             return 1
         traceback.print_exc()

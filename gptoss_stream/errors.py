@@ -23,3 +23,7 @@ class InputError(UserError, ValueError):
 class DataError(UserError, RuntimeError):
     """Data or the machine failed a check: a file differs from its manifest or its source, a file ended
     early, the disk is full."""
+
+
+class SetupError(UserError, RuntimeError):
+    """The machine lacks something the command needs: root, a cgroup controller, an optional package."""

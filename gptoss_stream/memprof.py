@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptoss_stream.errors import InputError, SetupError
+
 SCHEMA = "gptoss-memprof"
 VERSION = 1
 PHASES = ("load", "prefill", "decode")
@@ -158,7 +160,7 @@ _ROOT_BECAUSE = {
 
 def _require_root(option: str) -> None:
     if os.geteuid() != 0:
-        raise RuntimeError(f"{option} needs root {_ROOT_BECAUSE[option]}; run as root (sudo) or drop {option}")
+        raise SetupError(f"{option} needs root {_ROOT_BECAUSE[option]}; run as root (sudo) or drop {option}")
 
 
 def _memory_cgroup_mount() -> Path:
@@ -167,7 +169,7 @@ def _memory_cgroup_mount() -> Path:
             _, mountpoint, fstype, options, *_ = line.split()
             if fstype == "cgroup" and "memory" in options.split(","):
                 return Path(mountpoint)
-    raise RuntimeError("--limit needs the cgroup v1 memory controller, and none is mounted "
+    raise SetupError("--limit needs the cgroup v1 memory controller, and none is mounted "
                        "(no 'cgroup ... memory' line in /proc/self/mounts; cgroup v2-only hosts are not supported)")
 
 
@@ -214,12 +216,12 @@ class MemoryCgroup:
             path.mkdir()
             (path / "memory.limit_in_bytes").write_text(str(limit))
         except OSError as e:
-            raise RuntimeError(f"cannot create memory cgroup {path}: {e}") from None
+            raise SetupError(f"cannot create memory cgroup {path}: {e}") from None
         group = cls(path)
         applied = group.read("memory.limit_in_bytes")
         if applied > limit:
             group.remove()
-            raise RuntimeError(f"{path}: memory.limit_in_bytes is {applied} after writing {limit}")
+            raise SetupError(f"{path}: memory.limit_in_bytes is {applied} after writing {limit}")
         return group
 
     def add(self, pid: int) -> None:
@@ -249,7 +251,7 @@ def drop_page_cache(paths: list[str]) -> None:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
     except OSError as e:
-        raise RuntimeError(f"--cold: cannot write /proc/sys/vm/drop_caches: {e}") from None
+        raise SetupError(f"--cold: cannot write /proc/sys/vm/drop_caches: {e}") from None
 
 
 # ---------------------------------------------------------------------------- the sampler
@@ -261,7 +263,7 @@ class Profiler:
     def __init__(self, interval: float = DEFAULT_INTERVAL, cgroup: MemoryCgroup | None = None,
                  slow_share: float = SLOW_SHARE):
         if interval <= 0:
-            raise ValueError(f"--interval must be positive, got {interval}")
+            raise InputError(f"--interval must be positive, got {interval}")
         self.interval = interval
         self.cgroup = cgroup
         self.slow_share = slow_share
@@ -556,15 +558,15 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: memprof report not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a memprof JSON report ({e})") from None
+        raise InputError(f"{path}: not a memprof JSON report ({e})") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a memprof report (no \"schema\": \"{SCHEMA}\")")
+        raise InputError(f"{path}: not a memprof report (no \"schema\": \"{SCHEMA}\")")
     if report.get("version") != VERSION:
-        raise ValueError(f"{path}: memprof report version {report.get('version')!r}; "
+        raise InputError(f"{path}: memprof report version {report.get('version')!r}; "
                          f"this gptoss reads version {VERSION}")
     missing = [k for k in REPORT_KEYS if k not in report]
     if missing:
-        raise ValueError(f"{path}: memprof report lacks {', '.join(missing)}")
+        raise InputError(f"{path}: memprof report lacks {', '.join(missing)}")
     return report
 
 
@@ -704,7 +706,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError(MATPLOTLIB_MISSING) from None
+        raise SetupError(MATPLOTLIB_MISSING) from None
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 
@@ -810,11 +812,11 @@ def _run_limited(args: argparse.Namespace) -> int:
             if code == -signal.SIGKILL:
                 peak = format_bytes(group.read("memory.max_usage_in_bytes"))
                 if group.oom_kills():
-                    raise RuntimeError(
+                    raise SetupError(
                         f"out of memory: the kernel killed the workload inside the {format_bytes(args.limit_bytes)} "
                         f"memory cgroup (peak usage {peak}, limit hit {group.read('memory.failcnt')} times). "
                         "Raise --limit or lower --ram-budget.")
-                raise RuntimeError(f"the workload was killed (SIGKILL; peak cgroup usage {peak})")
+                raise SetupError(f"the workload was killed (SIGKILL; peak cgroup usage {peak})")
             return code if code >= 0 else 128 - code
         finally:
             group.remove()
@@ -826,14 +828,14 @@ def run_memprof(args: argparse.Namespace) -> int:
         print(format_compare(a, b, (Path(args.compare[0]).name, Path(args.compare[1]).name)))
         return 0
     if not args.model or args.prompt is None:
-        raise ValueError("memprof needs -m MODEL_DIR and -p PROMPT (or --compare A.json B.json)")
+        raise InputError("memprof needs -m MODEL_DIR and -p PROMPT (or --compare A.json B.json)")
     if args.max_tokens < 2:
-        raise ValueError(f"memprof needs -n >= 2 (one token from the prefill, at least one decode step), "
+        raise InputError(f"memprof needs -n >= 2 (one token from the prefill, at least one decode step), "
                          f"got {args.max_tokens}")
     if args.interval <= 0:
-        raise ValueError(f"--interval must be positive, got {args.interval}")
+        raise InputError(f"--interval must be positive, got {args.interval}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before a long run, not after it
-        raise RuntimeError(MATPLOTLIB_MISSING)
+        raise SetupError(MATPLOTLIB_MISSING)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     from gptoss_stream.budget import parse_size  # the same size syntax as --ram-budget

@@ -735,6 +735,14 @@ def test_cli_tells_bad_input_from_bugs(tiny_original, tmp_path, capsys, monkeypa
     assert cli.main(args + ["-m", str(tiny_original), "--ram-budget", "1G"]) == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "an internal inconsistency" in err and "bug" in err
+    # the same for the other commands: make-checkpoint
+    from gptoss_stream import synthetic
+
+    assert cli.main(["make-checkpoint", str(tmp_path / "ck"), "--hidden-size", "100", "--quiet"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(synthetic, "make_checkpoint", broken)
+    assert cli.main(["make-checkpoint", str(tmp_path / "ck"), "--quiet"]) == 70
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_a_guess_for_the_layer_being_consumed_is_taken_by_the_request(tiny_original):
