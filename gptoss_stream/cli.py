@@ -12,6 +12,7 @@ import time
 import traceback
 
 from gptoss_stream.budget import size_argument
+from gptoss_stream.errors import InputError
 
 
 # ---------------------------------------------------------------------------- shared options
@@ -60,9 +61,12 @@ def open_model(args: argparse.Namespace):
     from gptoss_stream.checkpoint import open_checkpoint
     from gptoss_stream.model import Model
 
+    check_run_arguments(args)
     checkpoint = open_checkpoint(args.model)
     store = args.plan = None
     try:
+        if not 0 < args.context <= checkpoint.config.max_context:
+            raise InputError(f"--context {args.context} must be in 1..{checkpoint.config.max_context}")
         if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
                                                                                    args.chunk)):
             from gptoss_stream.expert_cache import open_budgeted_store
@@ -76,6 +80,15 @@ def open_model(args: argparse.Namespace):
             store.close()
         checkpoint.close()
         raise
+
+
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """InputError for numbers the model cannot run with (before anything is opened)."""
+    for option, value, least in (("--chunk", args.chunk, 1), ("--threads", args.threads, 0),
+                                 ("--max-tokens", getattr(args, "max_tokens", 0), 0)):
+        if value < least:
+            raise InputError(f"{option} must be >= {least}, got {value}")
+    make_sampler(args)  # the sampling options, checked now
 
 
 def fits_in_memory(checkpoint, context_length: int, max_chunk: int) -> bool:
@@ -99,7 +112,11 @@ def print_stats(args: argparse.Namespace, result) -> None:
 def make_sampler(args: argparse.Namespace):
     from gptoss_stream.sampling import Sampler, SamplingParams
 
-    return Sampler(SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    return Sampler(params)
 
 
 def print_speed(result) -> None:
@@ -162,6 +179,8 @@ def generate_reply(args: argparse.Namespace, model, prompt_text: str, started: f
     tokenizer = get_tokenizer()
     if args.raw:
         prompt = tokenizer.encode(prompt_text, allow_special=True)
+        if not prompt:
+            raise InputError("the prompt is empty: give at least one token")
         stop_tokens = harmony.STOP_TOKENS_RAW
         decoder = StreamDecoder(tokenizer)
 

@@ -727,6 +727,13 @@ def test_cli_tells_bad_input_from_bugs(tiny_original, tmp_path, capsys, monkeypa
     (tmp_path / "bad" / "config.json").write_text("{")
     assert cli.main(args + ["-m", str(tmp_path / "bad")]) == 1
     assert "Traceback" not in capsys.readouterr().err
+    for bad in (["--context", "0"], ["--chunk", "0"], ["--temperature", "-1"], ["--top-p", "2"], ["-n", "-1"],
+                ["--context", "999999999"]):
+        assert cli.main(args + ["-m", str(tiny_original)] + bad) == 1, bad
+        err = capsys.readouterr().err
+        assert err.startswith("gptoss: error: ") and "Traceback" not in err, (bad, err)
+    assert cli.main(["generate", "-m", str(tiny_original), "-p", "", "--raw"]) == 1
+    assert "prompt is empty" in capsys.readouterr().err
     # a bug (here a ValueError from inside the model) keeps its traceback and says it is one
     def broken(*a, **k):
         raise ValueError("an internal inconsistency")
