@@ -196,8 +196,8 @@ class StreamingExpertStore:
     """Experts read into `slots` RAM-resident record buffers, replaced per layer by `policy`.
 
     Every entry is in one state; TRANSITIONS holds this table (tests check they agree) and every change is
-    checked against it unless Python runs with -O. When an entry leaves the table (its slot freed) is
-    TRANSITIONS' comment.
+    checked against it unless Python runs with -O. TRANSITIONS' comment says when an entry leaves the
+    table (its slot freed).
 
         state             read     held by                                 may become
         GUESS_LOADING     running  a guess the router has not judged yet   GUESS, WANT_LOADING, REJECTED_LOADING, FAILED

@@ -269,6 +269,7 @@ class FileReader:
                     raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
 
     def counters_copy(self) -> ReadCounters:
+        """A consistent copy of the counters (the I/O threads update them under the lock)."""
         with self._lock:
             return dataclasses.replace(self.counters)
 

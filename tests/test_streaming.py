@@ -102,7 +102,7 @@ def test_read_record_returns_the_file_bytes(tiny_original, direct):
     for r, at in zip(ranges, layout.piece_offsets):
         assert np.array_equal(buf[at:at + r.nbytes], data[r.offset:r.offset + r.nbytes])
     assert reader.is_direct(ck.files()[0]) == direct  # ext4/xfs/tmpfs-free temp dirs support O_DIRECT
-    assert reader.counters.bytes >= layout.read_bytes - ALIGN
+    assert reader.counters_copy().bytes >= layout.read_bytes - ALIGN
     reader.close()
 
 
@@ -230,7 +230,7 @@ def test_repacked_layout_reads_one_record_per_expert(tiny_original, tmp_path):
     with StreamingExpertStore(ck, slots=6) as store:
         streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=6))
         assert store.stats.reads > 0 and store.stats.bytes_read == store.stats.reads * plan_record(read).read_bytes
-        assert store.io.reader.counters.reads == store.stats.reads  # one pread per expert
+        assert store.io.reader.counters_copy().reads == store.stats.reads  # one pread per expert
     for a, b in zip(reference, streamed):
         assert np.array_equal(a, b)
 
