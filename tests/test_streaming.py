@@ -630,7 +630,7 @@ def test_request_objects_end_their_hold_however_they_are_left(tiny_original):
         store.check_invariants()
 
 
-STRESS_STEPS = int(os.environ.get("GPTOSS_STRESS_STEPS", "10000"))
+STRESS_STEPS = int(os.environ.get("GPTOSS_STRESS_STEPS", "10000"))  # per store configuration
 
 
 @pytest.mark.parametrize("slots, io_threads", [(2, 1), (3, 2)])
@@ -646,7 +646,7 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
     expected = {(n, e): ck.expert(n, e).mlp1_blocks.copy() for n in range(cfg.num_hidden_layers)
                 for e in range(cfg.num_experts)}
     rng = random.Random(slots * 100 + io_threads)
-    steps = STRESS_STEPS // 2  # per parametrization
+    steps = STRESS_STEPS
     fds, threads = open_fds(), set(threading.enumerate())
     store = StreamingExpertStore(ck, slots=slots, io_threads=io_threads)
     read = store.io.reader.read_record
@@ -661,6 +661,8 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
 
     def experts():
         return sorted(rng.sample(range(cfg.num_experts), rng.randint(1, cfg.experts_per_token)))
+
+    raised: list[int] = []
 
     def loop():
         for step in range(steps):
@@ -688,6 +690,7 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
                                 break
                 except ReadError:
                     assert fail["rate"] > 0
+                    raised.append(step)
             elif op < 0.85:
                 store.prefetch(layer, experts())
             elif op < 0.95:
@@ -700,6 +703,8 @@ def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io
     in_thread(loop, timeout=max(60.0, steps * 0.05))
     stats = store.stats
     assert stats.requests == stats.hits + stats.misses and 0 <= stats.prefetch_used <= stats.prefetch_issued
+    if steps >= 1000:  # the sequences did go through every kind of event
+        assert raised and stats.evictions and stats.prefetch_used and stats.hits and stats.misses, (raised, stats)
     store.close()
     assert open_fds() == fds and set(threading.enumerate()) == threads
 
