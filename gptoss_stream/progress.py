@@ -14,10 +14,17 @@ from typing import TextIO
 _UNITS = ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "KB"))
 
 
-def format_bytes(n: float) -> str:
-    for scale, unit in _UNITS:
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
+# Binary units (as cgroups and memory sizes are read), two digits: budget.format_size.
+_BINARY_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"))
+
+
+def format_bytes(n: float, binary: bool = False) -> str:
+    """The one size formatter: decimal units with one digit (files, disks, rates), or binary ones with two
+    (memory budgets and limits)."""
+    units, digits = (_BINARY_UNITS, 2) if binary else (_UNITS, 1)
+    for scale, unit in units:
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
     return f"{int(n)} B"
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from gptoss_stream.commands import cli
 from gptoss_stream.engine.kvcache import KVCache
-from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, cgroup_memory_limit, dense_nbytes, dense_ranges,
+from gptoss_stream.system import cgroup_memory_limit
+from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, dense_nbytes, dense_ranges,
                                             format_size, kv_cache_nbytes, parse_size, plan_memory)
 from gptoss_stream.streaming.expert_cache import record_bound
 from gptoss_stream.weights.checkpoint import Checkpoint
@@ -115,6 +116,46 @@ def test_cgroup_limits(tmp_path):
     (tmp_path / "unified" / "memory.max").write_text("3221225472\n")
     assert cgroup_memory_limit(str(proc), str(tmp_path)) == 3 * GIB
     assert cgroup_memory_limit(str(tmp_path / "missing"), str(tmp_path)) is None
+
+
+def test_cpu_count_honours_affinity_and_the_cgroup_quota(tmp_path, monkeypatch):
+    from gptoss_stream import system
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:cpu,cpuacct:/bench\n0::/\n")
+    assert system.cgroup_cpu_limit(str(proc), str(tmp_path)) is None
+    v1 = tmp_path / "cpu,cpuacct" / "bench"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no quota
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert system.cgroup_cpu_limit(str(proc), str(tmp_path)) is None
+    (v1 / "cpu.cfs_quota_us").write_text("250000\n")
+    assert system.cgroup_cpu_limit(str(proc), str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 at the root: no limit there
+    assert system.cgroup_cpu_limit(str(proc), str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert system.cgroup_cpu_limit(str(proc), str(tmp_path)) == 1.5
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(system, "cgroup_cpu_limit", lambda: 2.5)
+    assert system.available_cpus() == 2
+    monkeypatch.setattr(system, "cgroup_cpu_limit", lambda: 0.5)
+    assert system.available_cpus() == 1
+    monkeypatch.setattr(system, "cgroup_cpu_limit", lambda: None)
+    assert system.available_cpus() == 6
+
+
+def test_threads_0_asks_for_the_cpus_available(tiny_original, monkeypatch):
+    from gptoss_stream import system
+    from gptoss_stream.engine import kernels
+    from gptoss_stream.engine.model import Model
+
+    asked = []
+    monkeypatch.setattr(system, "available_cpus", lambda: 1)
+    monkeypatch.setattr(kernels, "set_num_threads", asked.append)
+    with Checkpoint.open(tiny_original) as ck:
+        Model(ck, num_threads=0)
+        Model(ck, num_threads=3)
+    assert asked == [1, 3]
 
 
 def test_cli_budget_too_small(tiny_original, capsys):

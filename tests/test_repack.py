@@ -28,6 +28,9 @@ from gptoss_stream.weights.layouts.repacked import MANIFEST, MANIFEST_PARTIAL, R
 from gptoss_stream.weights.safetensors_file import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
+# Unclosed files or mappings are errors here (run also under `python -X dev`).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 MICRO_SHARD = 16 << 10  # micro records are 4 KiB (experts) to 32 KiB (embedding): ~6 shards
 TINY_SHARD = 2 << 20  # tiny: the 25 MB embedding and unembedding alone, the layers in a few shards
 
@@ -40,13 +43,59 @@ def manifest(d: Path) -> dict:
     return json.loads((d / MANIFEST).read_text())
 
 
-def run_cli(*args: str, env: dict | None = None, wait: bool = True):
+def run_cli(*args: str, wait: bool = True):
     """`gptoss repack ...` in a child process (so it can be killed like a real run)."""
     cmd = [sys.executable, "-m", "gptoss_stream.commands.cli", "repack", *args, "--quiet"]
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+
+
+# A child `gptoss repack` that stops once `limit` shard bytes are written (the cut may fall anywhere: O_DIRECT
+# is switched off for the last write) and says so on stdout; the test then kills it from outside.
+_STOP_AFTER = """
+import fcntl, os, sys, time
+limit, written, real_write = int(sys.argv.pop(1)), 0, os.write
+
+def write(fd, data):
+    global written
+    if not os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors.partial"):
+        return real_write(fd, data)
+    data = memoryview(data)
+    if written + len(data) >= limit:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        cut = data[:limit - written]
+        while len(cut):
+            cut = cut[real_write(fd, cut):]
+        print("stopped", flush=True)
+        while True:
+            time.sleep(60)
+    n = real_write(fd, data)
+    written += n
+    return n
+
+os.write = write
+from gptoss_stream.commands.cli import main
+sys.exit(main())
+"""
+
+
+def kill_9_after(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`gptoss repack ...` in a child process, killed with SIGKILL once it has written `limit` shard bytes."""
+    cmd = [sys.executable, "-c", _STOP_AFTER, str(limit), "repack", *args, "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "" if it finished (or failed) before the limit
+        if line == "stopped\n":
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, line + out, err)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +202,7 @@ def test_page_cache_fallbacks_write_the_same_bytes(micro_checkpoint, micro_ref, 
     alignment), or impossible (--align below 4096): the writer goes through the page cache instead."""
     src = micro_checkpoint / "original"
     calls = []
-    real_set, real_write = rp._set_direct, rp._write_fully
+    real_set, real_write = rp._set_direct, rp._write
 
     def spy_set(fd, on):
         calls.append(on)
@@ -169,9 +218,9 @@ def test_page_cache_fallbacks_write_the_same_bytes(micro_checkpoint, micro_ref, 
     def einval_once(fd, data):
         if os.O_DIRECT & rp.fcntl.fcntl(fd, rp.fcntl.F_GETFL):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        real_write(fd, data)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(rp, "_write_fully", einval_once)
+    monkeypatch.setattr(rp, "_write", einval_once)
     rp.repack(src, tmp_path / "einval", shard_size=MICRO_SHARD, progress=False)
     for d in ("direct", "refused", "einval"):
         assert digest(tmp_path / d) == digest(micro_ref), d
@@ -230,6 +279,30 @@ def test_repacked_checkpoint_api(tiny_original, tiny_repacked):
 
 # ---------------------------------------------------------------------------- interruption and resume
 
+def test_o_direct_refused_after_a_short_write_writes_every_byte_once(micro_checkpoint, micro_ref, tmp_path,
+                                                                    monkeypatch):
+    """The first O_DIRECT write comes back short, the next one fails with EINVAL: the writer goes on through
+    the page cache from where the short write stopped (it used to rewrite the whole buffer after it)."""
+    src, dst = micro_checkpoint / "original", tmp_path / "out"
+    real_write = os.write
+    calls = []
+
+    def short_then_einval(fd, data):
+        if os.O_DIRECT & rp.fcntl.fcntl(fd, rp.fcntl.F_GETFL):
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, memoryview(data)[:4096])
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_einval)
+    rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
+    monkeypatch.undo()
+    assert len(calls) >= 2 and calls[0] > 4096  # (every shard tries O_DIRECT again, and falls back)
+    rp.verify_repack(dst, src, progress=False)
+    assert digest(dst) == digest(micro_ref)
+
+
 def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoint, micro_ref, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
     shards = manifest(micro_ref)["shards"]
@@ -238,7 +311,7 @@ def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoi
     # inside the first header; mid-shard; after the last byte of shard 0 (before its fsync and rename);
     # on the first byte of shard 1 (shard 0 done); on the first byte of shard 2.
     for kill_after, done in ((1, 0), (sizes[0] // 2, 0), (sizes[0], 0), (sizes[0] + 1, 1), (sizes[1] + 1, 2)):
-        r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: str(kill_after)})
+        r = kill_9_after(kill_after, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
         assert r.returncode == -signal.SIGKILL, r.stderr
         assert not (dst / MANIFEST).exists()  # partial output never looks complete
         assert [(dst / s["file"]).exists() for s in shards] == [i < done for i in range(len(shards))]
@@ -252,7 +325,7 @@ def test_kill_9_at_many_points_then_resume_gives_identical_output(micro_checkpoi
 def test_kill_at_end_of_last_shard_and_before_commit(micro_checkpoint, micro_ref, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
     total = sum(s["size"] for s in manifest(micro_ref)["shards"])
-    r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: str(total)})
+    r = kill_9_after(total, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
     assert r.returncode == -signal.SIGKILL and not (dst / MANIFEST).exists()
     assert rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False).status == "resumed"
     assert digest(dst) == digest(micro_ref)
@@ -293,7 +366,7 @@ def test_rerun_after_completion_does_nothing_and_verifies(micro_checkpoint, micr
 
 def test_resume_with_other_options_is_refused(micro_checkpoint, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
-    r = run_cli(str(src), str(dst), "--shard-size", str(MICRO_SHARD), env={rp.KILL_ENV: "5000"})
+    r = kill_9_after(5000, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
     assert r.returncode == -signal.SIGKILL
     with pytest.raises(ValueError, match="interrupted repack of another source or with other options"):
         rp.repack(src, dst, shard_size=MICRO_SHARD, align=8192, progress=False)
@@ -322,6 +395,19 @@ def test_existing_dst_refused_without_force(micro_checkpoint, micro_ref, tmp_pat
     assert "source checkpoint's own directory" in capsys.readouterr().err
 
 
+def test_cli_shows_a_bug_in_repack_with_its_traceback(micro_checkpoint, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal inconsistency")
+
+    monkeypatch.setattr(rp, "plan", broken)
+    assert main(["repack", str(micro_checkpoint / "original"), str(tmp_path / "out"), "--quiet"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal inconsistency" in err
+    assert main(["repack", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gptoss: error:") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "missing_tensor", "no_config"])
 def test_corrupt_source_fails_before_writing(micro_checkpoint, tmp_path, damage):
     src = tmp_path / "src"
@@ -346,7 +432,7 @@ def test_corrupt_source_fails_before_writing(micro_checkpoint, tmp_path, damage)
 
 def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp_path, monkeypatch):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
-    real = rp._write_fully
+    real = rp._write
     written = 0
 
     def fill_up(fd, data):
@@ -354,9 +440,9 @@ def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp
         if written + len(data) > 40_000:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written += len(data)
-        real(fd, data)
+        return real(fd, data)
 
-    monkeypatch.setattr(rp, "_write_fully", fill_up)
+    monkeypatch.setattr(rp, "_write", fill_up)
     with pytest.raises(RuntimeError, match=r"disk full .*re-run the same command to resume"):
         rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
     assert not (dst / MANIFEST).exists() and not list(dst.glob("*.partial.*")) and not list(dst.glob("*.tmp"))
@@ -364,7 +450,7 @@ def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp
     assert 0 < len(list(dst.glob("*.safetensors"))) < len(manifest(micro_ref)["shards"])
     with pytest.raises(ValueError, match="incomplete repack"):
         Checkpoint.open(dst)
-    monkeypatch.setattr(rp, "_write_fully", real)
+    monkeypatch.setattr(rp, "_write", real)
     assert rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False).status == "resumed"
     assert digest(dst) == digest(micro_ref)
 

@@ -6,6 +6,8 @@ bytes, and the model consumes experts in the same (sorted) order whatever the st
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import shutil
 import threading
@@ -24,6 +26,12 @@ from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.layouts.base import TensorRange
 from gptoss_stream.weights.repack import repack
 from gptoss_stream.weights.synthetic import make_checkpoint
+
+# Unclosed files, sockets or mappings are errors here (run also under `python -X dev`): every resource has
+# an owner that closes it.
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
 
 PIECES = ("mlp1_blocks", "mlp1_scales", "mlp1_bias", "mlp2_blocks", "mlp2_scales", "mlp2_bias")
 
@@ -95,7 +103,7 @@ def test_read_record_returns_the_file_bytes(tiny_original, direct):
     for r, at in zip(ranges, layout.piece_offsets):
         assert np.array_equal(buf[at:at + r.nbytes], data[r.offset:r.offset + r.nbytes])
     assert reader.is_direct(ck.files()[0]) == direct  # ext4/xfs/tmpfs-free temp dirs support O_DIRECT
-    assert reader.counters.bytes >= layout.read_bytes - ALIGN
+    assert reader.counters_copy().bytes >= layout.read_bytes - ALIGN
     reader.close()
 
 
@@ -114,7 +122,11 @@ def test_short_read_names_file_and_offset(micro_checkpoint, tmp_path):
     reader = FileReader()
     with pytest.raises(ReadError, match=rf"{path}: unexpected end of file at offset \d+ .*truncated"):
         reader.read_record(plan_record(ranges), aligned_buffer(1 << 20))
-    assert not (reader.check_sizes() or False)  # opened after the truncation: nothing shrank since
+    reader.check_sizes()  # opened after the truncation: nothing shrank since
+    os.truncate(path, last.offset)
+    with pytest.raises(ReadError, match=rf"{path}: file shrank from {last.offset + 1} to {last.offset} bytes"):
+        reader.check_sizes()
+    reader.close()
 
 
 def test_io_thread_forwards_errors_and_keeps_serving(micro_checkpoint, tmp_path):
@@ -219,7 +231,7 @@ def test_repacked_layout_reads_one_record_per_expert(tiny_original, tmp_path):
     with StreamingExpertStore(ck, slots=6) as store:
         streamed = in_thread(lambda: run(Model(ck, max_chunk=8, expert_store=store), tokens, prefill=6))
         assert store.stats.reads > 0 and store.stats.bytes_read == store.stats.reads * plan_record(read).read_bytes
-        assert store.io.reader.counters.reads == store.stats.reads  # one pread per expert
+        assert store.io.reader.counters_copy().reads == store.stats.reads  # one pread per expert
     for a, b in zip(reference, streamed):
         assert np.array_equal(a, b)
 
@@ -383,6 +395,9 @@ def test_cli_stats(tiny_original, capsys, monkeypatch):
     assert "[stats] plan: RAM budget 1.00 GiB" in err
     assert "[stats] decode: 2 tokens" in err and "hit rate" in err and "prediction accuracy" in err
     assert "[stats-json] {" in err
+    stats = json.loads(err.split("[stats-json] ", 1)[1].splitlines()[0])
+    layers = Checkpoint.open(tiny_original).config.num_hidden_layers
+    assert stats["decode"]["requests"] >= 2 * layers and stats["prefill"]["requests"] >= layers
     rc = cli.main(["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "2", "-t", "0",
                    "--mmap-only", "--stats"])
     assert rc == 0
@@ -402,3 +417,376 @@ def test_full_width_streamed_logits_are_bit_exact(tmp_path):
         assert store.stats.evictions > 0
     for a, b in zip(reference, streamed):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- issue 17: store bugs
+
+
+def test_a_request_that_is_never_iterated_does_not_hang_the_next(tiny_original):
+    """request() marks its experts wanted at once; a dropped (never started) request must not keep them."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        store.request(0, [0, 1])  # dropped without iterating
+        assert in_thread(lambda: request_all(store, 1, [2]), timeout=10) == [2]
+
+
+def test_an_error_between_request_and_the_loop_does_not_hang_the_model(tiny_original):
+    """Model.moe_block guesses the next layer's experts between request() and the loop (kernel calls that
+    may raise, or Ctrl-C): the next forward must still run."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        model = Model(ck, max_chunk=8, expert_store=store)
+        real = model.guess_experts
+        calls = []
+
+        def failing(layer, x):
+            calls.append(layer)
+            if layer == 2 and calls.count(2) == 1:  # in layer 1's MoE: layer 1's experts are marked
+                raise KeyboardInterrupt
+            return real(layer, x)
+
+        model.guess_experts = failing
+        cache = model.new_cache(64)
+        with pytest.raises(KeyboardInterrupt):
+            model.forward(prompt(8), cache)
+        reference = run(Model(ck, max_chunk=8), prompt(8, seed=9), prefill=8)
+        streamed = in_thread(lambda: run(model, prompt(8, seed=9), prefill=8), timeout=30)
+        assert np.array_equal(reference[0], streamed[0])
+
+
+def hold_reads(store):
+    """Hold the I/O thread inside its next read until the returned gate is set (returns gate, started)."""
+    gate, started = threading.Event(), threading.Event()
+    read = store.io.reader.read_record
+
+    def slow_read(layout, buffer):
+        started.set()
+        gate.wait(30)
+        return read(layout, buffer)
+
+    store.io.reader.read_record = slow_read
+    return gate, started, lambda: setattr(store.io.reader, "read_record", read)
+
+
+def test_a_rejected_guess_cancelled_by_request_is_not_counted_as_a_prefetch(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        gate, started, restore = hold_reads(store)
+        store.prefetch(1, [4, 5])
+        assert started.wait(30)  # 4 is being read, 5 is queued
+        restore()
+        gate.set()
+        request_all(store, 1, [6])  # the router took neither: 5's read is cancelled, it was never a prefetch
+        assert store.wait_idle(30)
+        s = store.stats
+        assert (s.prefetch_issued, s.prefetch_used) == (1, 0)
+
+
+def test_a_guess_whose_read_failed_once_is_read_again_when_routed(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=8) as store:
+        read = store.io.reader.read_record
+        failures = []
+
+        def flaky(layout, buffer):
+            if not failures:
+                failures.append(1)
+                raise ReadError("injected transient failure")
+            return read(layout, buffer)
+
+        store.io.reader.read_record = flaky
+        store.prefetch(1, [3])
+        assert store.wait_idle(30) and failures
+        (e, w), = in_thread(lambda: [(e, w.mlp1_blocks.copy()) for e, w in store.request(1, [3])], timeout=30)
+        assert e == 3 and np.array_equal(w, ck.expert(1, 3).mlp1_blocks)
+
+
+def test_two_io_threads_refused_o_direct_on_one_file_reopen_it_once(tiny_original, monkeypatch):
+    """Both workers get EINVAL from an O_DIRECT read of the same file: one buffered reopen, no fd closed
+    under the other worker, and both records read right."""
+    import errno
+    import fcntl
+
+    ck = Checkpoint.open(tiny_original)
+    path = ck.files()[0]
+    reader = FileReader()
+    assert reader.is_direct(path)
+    both_in = threading.Barrier(2, timeout=10)
+    real_preadv, real_open, real_close = os.preadv, os.open, os.close
+    reopened, closed = [], []
+
+    def preadv(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            both_in.wait()  # both workers hold the O_DIRECT fd
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    def open_(p, flags, *args, **kwargs):
+        fd = real_open(p, flags, *args, **kwargs)
+        if str(p) == path:
+            reopened.append(fd)
+        return fd
+
+    def close(fd):
+        closed.append(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    io = IOThread(reader, workers=2)
+    results: dict = {}
+    done = threading.Event()
+
+    def finished(job, error):
+        results[job.tag] = error
+        if len(results) == 2:
+            done.set()
+
+    jobs = {}
+    for e in (1, 2):
+        layout = plan_record(ck.expert_ranges(0, e))
+        jobs[e] = ReadJob(layout, aligned_buffer(layout.nbytes), finished, tag=e)
+        io.submit(jobs[e])
+    assert done.wait(30)
+    io.close()
+    monkeypatch.undo()
+    assert results == {1: None, 2: None}
+    assert len(reopened) == 1 and reopened[0] not in closed, (reopened, closed)
+    for e, job in jobs.items():
+        for r, at in zip(ck.expert_ranges(0, e), job.layout.piece_offsets):
+            assert np.array_equal(job.buffer[at:at + r.nbytes],
+                                  np.fromfile(path, np.uint8, count=r.nbytes, offset=r.offset))
+    reader.close()
+
+
+# ---------------------------------------------------------------------------- issue 17: states and lifetimes
+
+
+def open_fds() -> set[str]:
+    gc.collect()  # objects earlier tests left behind close their fds when collected, not during our count
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_close_releases_every_fd_thread_and_the_arena(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    fds, threads = open_fds(), set(threading.enumerate())
+    store, _ = open_budgeted_store(ck, 2 << 30, 256, 8, io_threads=2)
+    mapping = store.arena.base.obj
+    assert len(threading.enumerate()) > len(threads) and len(open_fds()) > len(fds)
+    store.prefetch(1, [0, 1, 2])
+    request_all(store, 0, [3, 4])
+    store.request(2, [5])  # left open: close() must not care
+    store.close()
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    assert mapping.closed
+    store.close()  # idempotent
+
+
+def test_a_failing_constructor_closes_what_it_opened(tiny_original, monkeypatch):
+    from gptoss_stream.streaming import expert_cache
+
+    ck = Checkpoint.open(tiny_original)
+    fds, threads = open_fds(), set(threading.enumerate())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(expert_cache, "IOThread", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        StreamingExpertStore(ck, slots=2)
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+
+
+def test_an_error_in_a_completion_callback_stops_the_io_thread_visibly(tiny_original, monkeypatch):
+    ck = Checkpoint.open(tiny_original)
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    io = IOThread(FileReader())
+    layout = plan_record(ck.expert_ranges(0, 0))
+
+    def broken(job, error):
+        raise ValueError("bug in the callback")
+
+    io.submit(ReadJob(layout, aligned_buffer(layout.nbytes), broken))
+    for t in io._threads:
+        t.join(30)
+    assert not io.alive and isinstance(io.error, ValueError) and seen == [io.error]
+    io.close()
+
+
+def test_request_objects_end_their_hold_however_they_are_left(tiny_original):
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=3) as store:
+        with store.request(0, [0, 1, 2]) as routed:
+            e, _ = next(iter(routed))
+            assert store.states()[0, e] == "in-use"
+        store.check_invariants()
+        assert set(store.states().values()) <= {"cached", "loading"}
+        first = store.request(1, [0, 1])
+        next(iter(first))
+        store.request(1, [2])  # the next request ends the first, which then refuses to go on
+        with pytest.raises(RuntimeError, match="ended"):
+            next(iter(first))
+        store.check_invariants()
+
+
+STRESS_STEPS = int(os.environ.get("GPTOSS_STRESS_STEPS", "10000"))  # per store configuration
+
+
+@pytest.mark.parametrize("slots, io_threads", [(2, 1), (3, 2)])
+def test_random_request_prefetch_abandon_fail_sequences(tiny_original, slots, io_threads):
+    """Random requests (consumed fully, in part, or not at all), guesses, and injected read failures against
+    a small store: every step ends within a deadline, the state invariants hold after each one, the weights
+    served are the checkpoint's, and close gives every thread and fd back."""
+    import random
+    import time
+
+    ck = Checkpoint.open(tiny_original)
+    cfg = ck.config
+    expected = {(n, e): ck.expert(n, e).mlp1_blocks.copy() for n in range(cfg.num_hidden_layers)
+                for e in range(cfg.num_experts)}
+    rng = random.Random(slots * 100 + io_threads)
+    steps = STRESS_STEPS
+    fds, threads = open_fds(), set(threading.enumerate())
+    store = StreamingExpertStore(ck, slots=slots, io_threads=io_threads)
+    read = store.io.reader.read_record
+    fail = {"rate": 0.0}
+
+    def flaky(layout, buffer):
+        if random.random() < fail["rate"]:
+            raise ReadError("injected")
+        return read(layout, buffer)
+
+    store.io.reader.read_record = flaky
+
+    def experts():
+        return sorted(rng.sample(range(cfg.num_experts), rng.randint(1, cfg.experts_per_token)))
+
+    raised: list[int] = []
+
+    def loop():
+        for step in range(steps):
+            started = time.monotonic()
+            op = rng.random()
+            layer = rng.randrange(cfg.num_hidden_layers)
+            if op < 0.5:
+                want = experts()
+                req = store.request(layer, want)
+                mode = rng.choice(("all", "some", "none", "with"))
+                try:
+                    if mode == "with":
+                        with req:
+                            for e, w in req:
+                                assert np.array_equal(w.mlp1_blocks, expected[layer, e])
+                                if rng.random() < 0.3:
+                                    break
+                    elif mode != "none":
+                        for i, (e, w) in enumerate(req):
+                            assert np.array_equal(w.mlp1_blocks, expected[layer, e])
+                            if rng.random() < 0.2:  # a guess while an expert is in use, for any layer
+                                store.prefetch(rng.randrange(cfg.num_hidden_layers), experts())
+                                store.check_invariants()
+                            if mode == "some" and rng.random() < 0.5:
+                                break
+                except ReadError:
+                    assert fail["rate"] > 0
+                    raised.append(step)
+            elif op < 0.85:
+                store.prefetch(layer, experts())
+            elif op < 0.95:
+                fail["rate"] = rng.choice((0.0, 0.0, 0.2, 1.0))
+            else:
+                assert store.wait_idle(10)
+            store.check_invariants()
+            assert time.monotonic() - started < 10, f"step {step} took too long"
+
+    in_thread(loop, timeout=max(60.0, steps * 0.05))
+    stats = store.stats
+    assert stats.requests == stats.hits + stats.misses and 0 <= stats.prefetch_used <= stats.prefetch_issued
+    if steps >= 1000:  # the sequences did go through every kind of event
+        assert raised and stats.evictions and stats.prefetch_used and stats.hits and stats.misses, (raised, stats)
+    store.close()
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+
+
+def test_cli_runs_give_back_every_fd_and_thread(tiny_original, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken"))
+    args = ["generate", "-m", str(tiny_original), "-p", "Hello", "--raw", "-n", "2", "-t", "0", "--chunk", "8"]
+    assert cli.main(args + ["--mmap-only"]) == 0  # libraries and the tokenizer load once, outside the count
+    fds, threads = open_fds(), set(threading.enumerate())
+    assert cli.main(args + ["--ram-budget", "1G"]) == 0
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    assert cli.main(args + ["--ram-budget", "1M"]) == 1  # too small: the checkpoint opened first is closed
+    assert open_fds() == fds and set(threading.enumerate()) == threads
+    capsys.readouterr()
+
+
+def test_cli_tells_bad_input_from_bugs(tiny_original, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken"))
+    args = ["generate", "-p", "Hello", "--raw", "-n", "2", "-t", "0", "--chunk", "8"]
+    # bad input: one line, no traceback
+    assert cli.main(args + ["-m", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gptoss: error: ") and "nowhere" in err and "Traceback" not in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    assert cli.main(args + ["-m", str(tmp_path / "bad")]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    for bad in (["--context", "0"], ["--chunk", "0"], ["--temperature", "-1"], ["--top-p", "2"], ["-n", "-1"],
+                ["--context", "999999999"]):
+        assert cli.main(args + ["-m", str(tiny_original)] + bad) == 1, bad
+        err = capsys.readouterr().err
+        assert err.startswith("gptoss: error: ") and "Traceback" not in err, (bad, err)
+    assert cli.main(["generate", "-m", str(tiny_original), "-p", "", "--raw"]) == 1
+    assert "prompt is empty" in capsys.readouterr().err
+    # a bug (here a ValueError from inside the model) keeps its traceback and says it is one
+    def broken(*a, **k):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(Model, "forward", broken)
+    assert cli.main(args + ["-m", str(tiny_original), "--ram-budget", "1G"]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal inconsistency" in err and "bug" in err
+    # the same for the other commands: make-checkpoint
+    from gptoss_stream.commands import make_checkpoint as command
+
+    assert cli.main(["make-checkpoint", str(tmp_path / "ck"), "--hidden-size", "100", "--quiet"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(command, "make_checkpoint", broken)
+    assert cli.main(["make-checkpoint", str(tmp_path / "ck"), "--quiet"]) == 70
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_guess_for_the_layer_being_consumed_is_taken_by_the_request(tiny_original):
+    """An expert of the open request evicted so an earlier one could be read, then guessed for that same
+    layer before the consumer reaches it: the consumer takes the guess instead of waiting for it for ever."""
+    ck = Checkpoint.open(tiny_original)
+    with StreamingExpertStore(ck, slots=2) as store:
+        request_all(store, 0, [1, 2])  # both slots: 1 and 2 cached
+
+        def consume():
+            got = []
+            with store.request(0, [0, 1, 2]) as routed:  # 0 misses: it takes 2's slot (2 comes later)
+                for e, w in routed:
+                    got.append(e)
+                    if e == 1:
+                        store.prefetch(0, [2])  # 0 is done: the guess takes its slot and reads 2
+                        assert store.states()[0, 2] in ("guess-loading", "guess")
+            return got
+
+        assert in_thread(consume, timeout=20) == [0, 1, 2]
+        store.check_invariants()
+
+
+def test_the_state_table_in_the_docstring_is_the_one_enforced():
+    from gptoss_stream.streaming import expert_cache
+
+    doc = StreamingExpertStore.__doc__
+    rows = doc[doc.index("may become"):].split("\n\n")[0].splitlines()[1:]
+    table = {}
+    for row in rows:
+        state, _, rest = row.strip().partition(" ")
+        table[getattr(expert_cache, state)] = {getattr(expert_cache, s.strip()) for s in rest.split("  ")[-1].split(",")
+                                               if s.strip() != "-"}
+    assert table == {k: set(v) for k, v in expert_cache.TRANSITIONS.items()}

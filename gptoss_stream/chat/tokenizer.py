@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import tiktoken
 
+from gptoss_stream.errors import SetupError
+
 VOCAB_SIZE = 201088
 N_RANKS = 199998  # o200k_base's mergeable ranks are exactly 0..199997
 
@@ -56,7 +58,7 @@ def _load_o200k_base() -> tiktoken.Encoding:
     except Exception as e:  # network errors, hash mismatches of a corrupt cache, missing plugin...
         cache = os.environ.get("TIKTOKEN_CACHE_DIR")
         where = f"TIKTOKEN_CACHE_DIR={cache!r} does not hold it" if cache else "TIKTOKEN_CACHE_DIR is not set"
-        raise RuntimeError(
+        raise SetupError(
             f"cannot load the o200k_base vocabulary through tiktoken ({type(e).__name__}: {e}); {where}. "
             "Go online once so tiktoken can download and cache it, or set TIKTOKEN_CACHE_DIR to a directory "
             "that holds tiktoken's cached o200k_base file."

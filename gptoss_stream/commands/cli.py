@@ -7,7 +7,9 @@ stdout carries only generated text (so it can be piped); progress, statistics an
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
 
 # ---------------------------------------------------------------------------- main
 
@@ -32,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_user_error(e: BaseException) -> bool:
+    from gptoss_stream.errors import UserError
+
+    return isinstance(e, (UserError, *USER_OS_ERRORS)) or isinstance(e, OSError) and e.errno in USER_ERRNOS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"gptoss: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        if is_user_error(e):
+            print(f"gptoss: error: {e}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print("gptoss: internal error: this is a bug in gptoss, not a problem with the input; please report "
+              "it with the traceback above (and the output of `gptoss info`)", file=sys.stderr)
+        return 70  # EX_SOFTWARE
 
 
 if __name__ == "__main__":

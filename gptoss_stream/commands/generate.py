@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from gptoss_stream.errors import InputError
 from gptoss_stream.commands.options import add_model_arguments, add_sampling_arguments, make_sampler, open_model, \
     print_stats
 
@@ -59,16 +60,22 @@ class ReplyPrinter:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    started = time.perf_counter()
+    with open_model(args) as model:
+        return generate_reply(args, model, prompt_text, started)
+
+
+def generate_reply(args: argparse.Namespace, model, prompt_text: str, started: float) -> int:
     from gptoss_stream.chat import harmony
     from gptoss_stream.chat.tokenizer import StreamDecoder, get_tokenizer
     from gptoss_stream.engine.generate import generate
 
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    started = time.perf_counter()
-    model = open_model(args)
     tokenizer = get_tokenizer()
     if args.raw:
         prompt = tokenizer.encode(prompt_text, allow_special=True)
+        if not prompt:
+            raise InputError("the prompt is empty: give at least one token")
         stop_tokens = harmony.STOP_TOKENS_RAW
         decoder = StreamDecoder(tokenizer)
 
@@ -118,12 +125,16 @@ def add_generate_parser(subparsers) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    with open_model(args) as model:
+        return chat(args, model)
+
+
+def chat(args: argparse.Namespace, model) -> int:
     from gptoss_stream.chat import harmony
     from gptoss_stream.chat.tokenizer import get_tokenizer
     from gptoss_stream.engine.generate import generate
     from gptoss_stream.engine.kvcache import ContextFullError
 
-    model = open_model(args)
     tokenizer = get_tokenizer()
     sampler = make_sampler(args)
     history = [harmony.system_message(args.reasoning, current_date=time.strftime("%Y-%m-%d"))]

@@ -24,7 +24,7 @@ def collect(disk_path: str = ".") -> dict:
     import psutil
 
     from gptoss_stream.engine import compute_path, kernels
-    from gptoss_stream.streaming.budget import available_memory, cgroup_memory_limit
+    from gptoss_stream.system import available_memory, cgroup_memory_limit
 
     flags = compute_path.cpu_flags()
     onednn = compute_path.onednn_info()

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 from gptoss_stream.progress import format_bytes
+from gptoss_stream.errors import InputError
 from gptoss_stream.streaming.budget import size_argument
 from gptoss_stream.weights.config import PRESETS
 from gptoss_stream.weights.synthetic import DEFAULT_MAX_SHARD_BYTES, make_checkpoint, original_nbytes
@@ -62,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PRESETS[args.preset].with_overrides(**{field: getattr(args, field) for _, field, _ in _OVERRIDES})
+    try:
+        cfg = PRESETS[args.preset].with_overrides(**{field: getattr(args, field) for _, field, _ in _OVERRIDES})
+    except ValueError as e:  # the overrides make an impossible model
+        raise InputError(str(e)) from e
     start = time.monotonic()
     written = make_checkpoint(args.out_dir, cfg, args.format, args.seed, args.max_shard_size,
                               progress=not args.quiet, force=args.force)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptoss_stream.errors import InputError
 from gptoss_stream.streaming.budget import size_argument
 
 
@@ -15,7 +16,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "Face folder (config.json + model-*.safetensors + index)")
     p.add_argument("--context", type=int, default=4096, metavar="N",
                    help="context length in tokens: prompt + generated (default 4096, max 131072)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="compute threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="compute threads (default 0: the CPUs this process may use, from its affinity and its "
+                        "cgroup's CPU quota)")
     p.add_argument("--chunk", type=int, default=64, metavar="N",
                    help="prompt tokens per prefill pass (default 64); larger is faster and uses more scratch")
     memory = p.add_mutually_exclusive_group()
@@ -47,36 +50,51 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_model(args: argparse.Namespace):
+    """The checkpoint, the expert store the options ask for, and the Model that owns both (close it, or use
+    it in `with`); whatever was opened is closed again if a step fails."""
     from gptoss_stream.engine.model import Model
-    from gptoss_stream.weights.checkpoint import Checkpoint
+    from gptoss_stream.weights.checkpoint import open_user_checkpoint
 
-    checkpoint = Checkpoint.open(args.model)
+    check_run_arguments(args)
+    checkpoint = open_user_checkpoint(args.model)
     store = args.plan = None
-    if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context)):
-        from gptoss_stream.streaming.expert_cache import open_budgeted_store
+    try:
+        if not 0 < args.context <= checkpoint.config.max_context:
+            raise InputError(f"--context {args.context} must be in 1..{checkpoint.config.max_context}")
+        if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
+                                                                                   args.chunk)):
+            from gptoss_stream.streaming.expert_cache import open_budgeted_store
 
-        try:
             store, args.plan = open_budgeted_store(checkpoint, args.ram_budget, args.context, args.chunk)
-        except BaseException:
-            checkpoint.close()
-            raise
-        if args.stats:
-            print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
-    return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+            if args.stats:
+                print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
+        return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        checkpoint.close()
+        raise
 
 
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """InputError for numbers the model cannot run with (before anything is opened)."""
+    for option, value, least in (("--chunk", args.chunk, 1), ("--threads", args.threads, 0),
+                                 ("--max-tokens", getattr(args, "max_tokens", 0), 0)):
+        if value < least:
+            raise InputError(f"{option} must be >= {least}, got {value}")
+    make_sampler(args)  # the sampling options, checked now
 
-def fits_in_memory(checkpoint, context_length: int) -> bool:
+
+def fits_in_memory(checkpoint, context_length: int, max_chunk: int) -> bool:
     """Without --ram-budget: when the whole checkpoint, its KV cache and a margin fit in what the machine (or
     its cgroup) has available, the page cache holds everything and the plain mapping is fastest; otherwise
     stream experts under a budget of what is available."""
-    from gptoss_stream.streaming.budget import available_memory
+    from gptoss_stream.streaming.budget import kv_cache_nbytes
+    from gptoss_stream.system import available_memory
 
-    cfg = checkpoint.config
-    kv_bytes = 2 * cfg.num_hidden_layers * context_length * cfg.num_key_value_heads * cfg.head_dim * 2
     margin = 1 << 30  # Python, libraries, scratch buffers
+    kv_bytes = kv_cache_nbytes(checkpoint.config, context_length, max_chunk)
     return checkpoint.nbytes() + kv_bytes + margin <= available_memory()
-
 
 
 def print_stats(args: argparse.Namespace, result) -> None:
@@ -94,5 +112,9 @@ def print_stats(args: argparse.Namespace, result) -> None:
 def make_sampler(args: argparse.Namespace):
     from gptoss_stream.engine.sampling import Sampler, SamplingParams
 
-    return Sampler(SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    return Sampler(params)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from gptoss_stream.engine import _lib
+from gptoss_stream.errors import SetupError
 
 PATH_NAMES = ("scalar", "avx2", "avx512")
 
@@ -42,8 +43,9 @@ ONEDNN_ISA_NAMES = {
 }
 
 
-class UnsupportedComputePath(RuntimeError):
-    """A compute path was asked for that this CPU (or oneDNN's dispatch) cannot run."""
+class UnsupportedComputePath(SetupError):
+    """A compute path was asked for that this CPU (or oneDNN's dispatch) cannot run (a user error: the
+    machine lacks a feature, or GPTOSS_ISA asks too much)."""
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.config import ModelConfig, layer_capacity
+from gptoss_stream.errors import UserError
 
 
-class ContextFullError(ValueError):
+class ContextFullError(UserError, ValueError):
     """The sequence would grow past the context length the cache was made for."""
 
 
@@ -36,10 +37,7 @@ class KVCache:
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         for layer in range(config.num_hidden_layers):
-            if config.is_sliding(layer):
-                capacity = min(context_length, config.sliding_window + max_chunk - 1)
-            else:
-                capacity = context_length
+            capacity = layer_capacity(config, layer, context_length, max_chunk)
             self.keys.append(np.zeros((capacity, *shape), dtype=np.uint16))
             self.values.append(np.zeros((capacity, *shape), dtype=np.uint16))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptoss_stream import system
 from gptoss_stream.engine import kernels
 from gptoss_stream.engine.kvcache import KVCache
 from gptoss_stream.streaming.experts import MappedExpertStore
@@ -72,14 +73,17 @@ class RunState:
 
 
 class Model:
-    """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache."""
+    """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache.
+
+    `close()` (or `with`) closes the expert store and the checkpoint it was given."""
 
     def __init__(self, checkpoint: Checkpoint, max_chunk: int = 64, expert_store=None, num_threads: int = 0):
         self.checkpoint = checkpoint
         self.config = config = checkpoint.config
         self.max_chunk = max_chunk
         self.experts = expert_store if expert_store is not None else MappedExpertStore(checkpoint)
-        kernels.set_num_threads(num_threads)
+        # 0: what this process may use (affinity, cgroup CPU quota), not every processor of the machine
+        kernels.set_num_threads(num_threads if num_threads > 0 else system.available_cpus())
         self.layers: list[LayerWeights] = [checkpoint.layer(n) for n in range(config.num_hidden_layers)]
         self.embedding = checkpoint.embedding()      # (V, H)
         self.final_norm = checkpoint.final_norm()    # (H,)
@@ -90,6 +94,20 @@ class Model:
         )
         self.attn_scale = 1.0 / math.sqrt(config.head_dim)
         self.state = RunState.allocate(config, max_chunk)
+
+    def close(self) -> None:
+        """Close the expert store, then the checkpoint (the model owns both from construction on;
+        idempotent). The weights views are unusable afterwards."""
+        close = getattr(self.experts, "close", None)
+        if close is not None:
+            close()
+        self.checkpoint.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def new_cache(self, context_length: int = 4096) -> KVCache:
         return KVCache(self.config, context_length, self.max_chunk)
@@ -181,23 +199,24 @@ class Model:
         # M = (tokens routed to it) matmul. Experts come in sorted order whatever the store (the fp32 sum
         # below depends on the order); the store starts reading the missing ones now.
         flat = indices.reshape(-1)
-        routed = self.experts.request(layer, np.unique(flat))
-        if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
-            # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's likely
-            # experts while this layer computes.
-            self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
-        for expert, e in routed:
-            hits = np.flatnonzero(flat == expert)
-            rows = (hits // cfg.experts_per_token).astype(np.int32)
-            n = rows.size
-            xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
-                                                                                   out=s.gathered[:n])
-            # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
-            h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n])
-            a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
-            y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n])
-            # acc[token] += weight_e * y_e
-            kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
+        # The request ends with the `with`, whatever raises in between (a kernel error, Ctrl-C).
+        with self.experts.request(layer, np.unique(flat)) as routed:
+            if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
+                # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's
+                # likely experts while this layer computes.
+                self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
+            for expert, e in routed:
+                hits = np.flatnonzero(flat == expert)
+                rows = (hits // cfg.experts_per_token).astype(np.int32)
+                n = rows.size
+                xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
+                                                                                       out=s.gathered[:n])
+                # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
+                h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n])
+                a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
+                y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n])
+                # acc[token] += weight_e * y_e
+                kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
         # x = x + bf16(sum_e weight_e y_e)
         kernels.add_f32_(x, acc)
         if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:

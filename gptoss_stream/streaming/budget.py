@@ -16,13 +16,13 @@ The expert reads themselves use O_DIRECT, so they do not add page cache (reader.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from gptoss_stream.weights.config import ModelConfig
-from gptoss_stream.weights.layouts.base import EXPERT_PIECES, TensorRange, original_tensors
+from gptoss_stream.errors import InputError, UserError
+from gptoss_stream.progress import format_bytes
+from gptoss_stream.weights.config import ModelConfig, layer_capacity
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -41,7 +41,7 @@ LOGIT_COPIES = 8            # fp32 logit rows alive at once: forward's result an
 MIN_PREFETCH_LAYERS = 2     # expert slots: the layer in use + the next layer's guesses
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The RAM budget cannot hold what the engine needs."""
 
 
@@ -49,10 +49,10 @@ def parse_size(text: str) -> int:
     """'4G' -> 4 GiB, '3.5G', '800M', '512MiB', '4GB' (10^9), '1000' (bytes)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
+        raise InputError(f"invalid size {text!r} (examples: 4G, 3.5G, 800M, 512MiB, 4GB)")
     n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
+        raise InputError(f"size must be positive, got {text!r}")
     return n
 
 
@@ -67,57 +67,8 @@ def size_argument(text: str) -> int:
 
 
 def format_size(n: float) -> str:
-    for unit, scale in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
-    """The memory limit of this process's cgroup (v2 memory.max or v1 memory.limit_in_bytes), if any."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    base = Path(root)
-    limits = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, rel = parts
-        rel = rel.lstrip("/")
-        if controllers == "":  # v2 (alone, or mounted at unified/ next to v1 controllers)
-            limits.append(_read_int(base / rel / "memory.max"))
-            limits.append(_read_int(base / "unified" / rel / "memory.max"))
-        elif "memory" in controllers.split(","):  # v1
-            limits.append(_read_int(base / "memory" / rel / "memory.limit_in_bytes"))
-    # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
-    real = [n for n in limits if n is not None and n < 2**60]
-    return min(real) if real else None
-
-
-def available_memory() -> int:
-    """What a run may use when no budget is given: MemAvailable, or the cgroup limit if smaller."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * KIB
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = cgroup_memory_limit()
-    return min(avail, limit) if limit is not None else avail
+    """Memory sizes in binary units (1.50 GiB), like the budgets they are compared with."""
+    return format_bytes(n, binary=True)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -170,11 +121,6 @@ class MemoryPlan:
                 f"({share:.0%})")
 
 
-# Expert pieces used in place from the mapping (expert_cache.split_expert): the bf16 biases, small tensors
-# stored among the dense weights. They live in the page cache with the dense weights.
-MAPPED_EXPERT_PIECES = ("mlp.mlp1_bias", "mlp.mlp2_bias")
-
-
 def _is_streamed(name: str) -> bool:
     suffix = name.split(".", 2)[-1]
     return suffix in EXPERT_PIECES and suffix not in MAPPED_EXPERT_PIECES
@@ -224,13 +170,8 @@ def dense_ranges(checkpoint) -> list[TensorRange]:
 def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) -> int:
     """Bytes of kvcache.KVCache(config, context_length, max_chunk) once every position is written."""
     row = 2 * config.num_key_value_heads * config.head_dim * 2  # keys + values, bf16
-    total = 0
-    for layer in range(config.num_hidden_layers):
-        rows = context_length
-        if config.is_sliding(layer):
-            rows = min(context_length, config.sliding_window + max_chunk - 1)
-        total += rows * row
-    return total
+    return sum(layer_capacity(config, layer, context_length, max_chunk) * row
+               for layer in range(config.num_hidden_layers))
 
 
 def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:

@@ -13,11 +13,16 @@ Replacement (docs/streaming.md has the measurements behind each choice):
 - Within a layer: LFU with exponential decay (default) or LRU. On a uniformly random router every policy
   scores share/E; real routers are skewed (a few experts per layer take a large share of tokens) and
   frequency keeps those; the decay (half-life in tokens) lets the core follow a change of topic.
-- Guesses that the router did not take go first; entries in use or being read are never evicted.
+- Guesses that the router did not take, and failed reads, go first; entries in use or being read for the
+  model are never evicted.
 
-Thread model: one lock (`_cv`) guards all state; the I/O thread only runs reads and reports completion
-under the lock. A failed read is raised (ReadError naming file and offset) to the consumer that needs the
-expert; nothing waits forever (the consumer also checks that the I/O thread is alive).
+Every entry is in exactly one state (the table TRANSITIONS and StreamingExpertStore's docstring); the
+replacement rules are four small functions of those states (_first_out, _guess_victim, _policy_victim,
+_progress_victim).
+
+Thread model: one lock (`_cv`) guards all state and the counters; the I/O threads only run reads and report
+completion under the lock. A failed read is raised (ReadError naming file and offset) to the consumer that
+needs the expert; nothing waits forever (the consumer also checks that the I/O threads are alive).
 """
 
 from __future__ import annotations
@@ -30,17 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptoss_stream.streaming.experts import ExpertStats
-from gptoss_stream.streaming.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, ReadJob, RecordLayout, \
-    aligned_buffer, plan_record, prefault_page_cache
-from gptoss_stream.weights.layouts.base import ExpertWeights, TensorRange
+from gptoss_stream.streaming.experts import ExpertRequest, ExpertStats
+from gptoss_stream.streaming.reader import ALIGN, DEMAND, PREFETCH, FileReader, IOThread, PageCacheFill, ReadJob, \
+    RecordLayout, aligned_buffer, plan_record, unmap
+from gptoss_stream.weights.layouts.base import EXPERT_PIECES, MAPPED_EXPERT_PIECES, ExpertWeights, TensorRange
 
 LFU, LRU = "lfu", "lru"
 POLICIES = (LFU, LRU)
 DEFAULT_HALF_LIFE_TOKENS = 64.0
-
-LOADING, READY, FAILED = "loading", "ready", "failed"
-
 
 @dataclass
 class StreamStats(ExpertStats):
@@ -78,22 +80,6 @@ class StreamStats(ExpertStats):
         return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
 
 
-@dataclass(eq=False)
-class _Entry:
-    layer: int
-    expert: int
-    slot: int
-    job: ReadJob
-    state: str = LOADING
-    error: BaseException | None = None
-    pins: int = 0              # >0 while the model computes with it
-    wanted: bool = False       # in the current request, not consumed yet
-    speculative: bool = False  # read on a guess that the router has not confirmed yet
-    stale: bool = False        # a guess the router did not take: evicted first
-    removed: bool = False
-    weights: ExpertWeights | None = None
-
-
 @dataclass(frozen=True)
 class _RecordPlan:
     layout: RecordLayout  # the read part (no extents if every piece is used from the mapping)
@@ -116,11 +102,11 @@ def _expert_views(weights: ExpertWeights) -> tuple[np.ndarray, ...]:
 def split_expert(checkpoint, layer: int, e: int) -> tuple[ExpertWeights, list[int | None], list[TensorRange]]:
     """Which of an expert's pieces are read into a slot and which are used from the mapping.
 
-    In the original and HF layouts the bf16 biases are tensors of their own, stored among the dense bf16
-    weights (the safetensors writer sorts by dtype), 16 KB per expert against 13 MB of MXFP4: reading
-    them with O_DIRECT would cost four extra small reads per expert. They are used in place instead and
-    kept in the page cache with the dense weights (budget.dense_ranges). A piece that shares its range
-    with others (a repacked record) is read with them.
+    In the original and HF layouts the bf16 biases (checkpoint.MAPPED_EXPERT_PIECES) are tensors of their
+    own, stored among the dense bf16 weights (the safetensors writer sorts by dtype), 16 KB per expert
+    against 13 MB of MXFP4: reading them with O_DIRECT would cost four extra small reads per expert. They
+    are used in place instead and kept in the page cache with the dense weights (budget.dense_ranges). A
+    piece that shares its range with others (a repacked record) is read with them.
 
     Returns the mapped weights, per view the index of its range in the read list (None: from the mapping),
     and the read list.
@@ -138,7 +124,7 @@ def split_expert(checkpoint, layer: int, e: int) -> tuple[ExpertWeights, list[in
         else:
             raise ValueError(f"expert ({layer}, {e}): a weight view lies outside its byte ranges")
     alone = [owner.count(i) == 1 for i in range(len(ranges))]
-    in_place = {i for view, i in zip(_expert_views(mapped), owner) if alone[i] and view.dtype == np.uint16}
+    in_place = {i for name, i in zip(EXPERT_PIECES, owner) if alone[i] and name in MAPPED_EXPERT_PIECES}
     read = [r for i, r in enumerate(ranges) if i not in in_place]
     index = {i: n for n, i in enumerate(i for i in range(len(ranges)) if i not in in_place)}
     return mapped, [index.get(i) for i in owner], read
@@ -149,8 +135,88 @@ def expert_slot_bytes(checkpoint) -> int:
     return max(record_bound(split_expert(checkpoint, 0, 0)[2]), ALIGN)
 
 
+# ---------------------------------------------------------------------------- entry states
+
+# One state per cached (layer, expert) record; the read's progress is part of the state, so nothing else
+# (no flag, no other module's job state) says whether an entry may be evicted.
+GUESS_LOADING = "guess-loading"        # read on a guess the router has not judged yet
+GUESS = "guess"                        # ... read
+WANT_LOADING = "want-loading"          # routed in the open request, being read
+WANT = "want"                          # ... read, not consumed yet
+IN_USE = "in-use"                      # the consumer computes with it
+CACHED = "cached"                      # read, nobody needs it now: evicted by the replacement policy
+LOADING = "loading"                    # being read for nobody (its request ended): cached when read
+REJECTED_LOADING = "rejected-loading"  # a guess the router did not take, its read already running
+REJECTED = "rejected"                  # ... read: evicted first
+FAILED = "failed"                      # the read failed; the error goes to the request that needs it
+
+# state -> the states it may change to. An entry also leaves the table (its slot is freed) from GUESS_LOADING
+# and REJECTED_LOADING when its queued read is cancelled, from CACHED, REJECTED and FAILED when evicted,
+# from GUESS and WANT when a request must make progress, from FAILED when its error is raised or retried.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    GUESS_LOADING: frozenset({GUESS, FAILED, WANT_LOADING, REJECTED_LOADING}),
+    GUESS: frozenset({WANT, REJECTED}),
+    WANT_LOADING: frozenset({WANT, FAILED, LOADING}),
+    WANT: frozenset({IN_USE, CACHED}),
+    IN_USE: frozenset({CACHED}),
+    CACHED: frozenset({WANT}),
+    LOADING: frozenset({CACHED, FAILED, WANT_LOADING}),
+    REJECTED_LOADING: frozenset({REJECTED, FAILED, WANT_LOADING}),
+    REJECTED: frozenset({WANT}),
+    FAILED: frozenset(),
+}
+READ_RUNNING = {GUESS_LOADING: GUESS, WANT_LOADING: WANT, LOADING: CACHED, REJECTED_LOADING: REJECTED}
+UNJUDGED = (GUESS_LOADING, GUESS)  # guesses in flight
+REQUESTED = (WANT_LOADING, WANT, IN_USE)
+
+
+@dataclass(eq=False)
+class _Entry:
+    layer: int
+    expert: int
+    slot: int
+    job: ReadJob
+    state: str
+    since: int = 0  # when it entered its state (evicting the oldest rejected guess first)
+    error: BaseException | None = None
+    weights: ExpertWeights | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    """The open request: its layer, its experts in order, those still waiting for a slot, and the one in use."""
+
+    layer: int
+    experts: list[int]
+    missing: list[int]
+    in_use: _Entry | None = None
+
+
 class StreamingExpertStore:
-    """Experts read into `slots` RAM-resident record buffers, replaced per layer by `policy`."""
+    """Experts read into `slots` RAM-resident record buffers, replaced per layer by `policy`.
+
+    Every entry is in one state; TRANSITIONS holds this table (tests check they agree) and every change is
+    checked against it unless Python runs with -O. TRANSITIONS' comment says when an entry leaves the
+    table (its slot freed).
+
+        state             read     held by                                 may become
+        GUESS_LOADING     running  a guess the router has not judged yet   GUESS, WANT_LOADING, REJECTED_LOADING, FAILED
+        GUESS             done     the same, read                          WANT, REJECTED
+        WANT_LOADING      running  the open request                        WANT, LOADING, FAILED
+        WANT              done     the open request, not consumed yet      IN_USE, CACHED
+        IN_USE            done     the consumer, computing with it         CACHED
+        CACHED            done     nobody: the replacement policy's        WANT
+        LOADING           running  nobody (its request ended)              CACHED, WANT_LOADING, FAILED
+        REJECTED_LOADING  running  a guess the router did not take         REJECTED, WANT_LOADING, FAILED
+        REJECTED          done     the same, read: evicted first           WANT
+        FAILED            failed   its error, for whoever needs it next    -
+
+    A request owns its entries (WANT_LOADING, WANT, IN_USE) until it ends: closed, left (`with`), or
+    replaced by the next request, so a request that is dropped unstarted cannot keep them.
+
+    Owns: the file descriptors (FileReader), the I/O threads, the slot arena, the dense-weight prefault
+    thread; `close()` releases them in reverse order of creation.
+    """
 
     prefetches = True
 
@@ -162,28 +228,22 @@ class StreamingExpertStore:
             raise ValueError(f"unknown expert cache policy {policy!r}; choose one of {POLICIES}")
         if slots < 1:
             raise ValueError(f"the expert cache needs at least 1 slot, got {slots}")
+        if io_threads < 1:
+            raise ValueError(f"need at least one I/O thread, got {io_threads}")
         self.checkpoint = checkpoint
         self.num_layers, self.num_experts = cfg.num_hidden_layers, cfg.num_experts
         self.experts_per_token = cfg.experts_per_token
         self.slots = min(slots, self.num_layers * self.num_experts)  # more could never be used
         self.policy = policy
         self.slot_bytes = expert_slot_bytes(checkpoint)
-        self.reader = FileReader(direct)
-        for path in checkpoint.files():
-            self.reader.is_direct(path)  # open every shard now: bad permissions fail here, sizes are recorded
-        # Huge pages make every O_DIRECT read faster but cost compaction when first touched (0.4 GB/s measured
-        # on a fragmented box): worth it when slots are refilled over and over, not when every expert fits
-        # and each slot is read once.
-        refills = self.slots < self.num_layers * self.num_experts
-        self.arena = aligned_buffer(self.slots * self.slot_bytes, huge_pages=refills)
-        self.stats = StreamStats()
+        self._stats = StreamStats()
         self._cv = threading.Condition()
         self._free = list(range(self.slots))[::-1]
         self._layers: list[dict[int, _Entry]] = [{} for _ in range(self.num_layers)]
-        self._stale: dict[_Entry, None] = {}  # insertion-ordered set
         self._plans: dict[tuple[int, int], _RecordPlan] = {}
-        self._pending: list[tuple[int, int]] = []  # demanded misses still waiting for a slot
-        self._guess: dict[int, set[int]] = {}
+        self._request: _Request | None = None
+        self._guess: dict[int, set[int]] = {}  # per layer, the latest guess (until its layer is requested)
+        self._seq = 0
         self._closed = False
         # replacement bookkeeping, per (layer, expert), resident or not
         self._tick = 0
@@ -192,54 +252,82 @@ class StreamingExpertStore:
         self._count = [[0.0] * self.num_experts for _ in range(self.num_layers)]
         self.prefetches = prefetch  # False: the model makes no guesses (for measuring what they bring)
         self.guesses_borrow = guesses_borrow  # True: guesses take slots like misses do (no cap; for measuring)
-        self.io = IOThread(self.reader, workers=io_threads)
+        self._prefault: PageCacheFill | None = None
+        self.io: IOThread | None = None
+        self.arena: np.ndarray | None = None
+        self.reader = FileReader(direct)
+        try:
+            for path in checkpoint.files():
+                self.reader.is_direct(path)  # open every shard now: bad permissions fail here, sizes recorded
+            # Huge pages make every O_DIRECT read faster but cost compaction when first touched (0.4 GB/s
+            # measured on a fragmented box): worth it when slots are refilled over and over, not when every
+            # expert fits and each slot is read once.
+            refills = self.slots < self.num_layers * self.num_experts
+            self.arena = aligned_buffer(self.slots * self.slot_bytes, huge_pages=refills)
+            self.io = IOThread(self.reader, workers=io_threads)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def nbytes(self) -> int:
         return self.slots * self.slot_bytes
 
+    @property
+    def stats(self) -> StreamStats:
+        """A consistent copy of the counters (the I/O threads update them under the lock)."""
+        with self._cv:
+            return self._stats.copy()
+
     # ------------------------------------------------------------------ the model's side
 
-    def request(self, layer: int, experts: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Start reading the missing experts of `layer`; iterate to get each (valid until the next step)."""
+    def request(self, layer: int, experts: Iterable[int]) -> ExpertRequest:
+        """Start reading the missing experts of `layer`; iterate to get each (valid until the next step).
+
+        Ends the previous request if it is still open."""
         experts = [int(e) for e in experts]
         with self._cv:
             self._check_open()
+            if self._request is not None:
+                self._end(self._request)
             if layer == 0:
                 self.reader.check_sizes()  # once per forward: a shrunk file would SIGBUS the mapped dense weights
             self._tick += 1
+            stats, table = self._stats, self._layers[layer]
             want = set(experts)
             guess = self._guess.pop(layer, None)
             if guess is not None:
-                self.stats.predicted += len(want)
-                self.stats.predicted_right += len(want & guess)
-            for entry in list(self._layers[layer].values()):
-                if entry.speculative and entry.expert not in want:
-                    entry.speculative, entry.stale = False, True
-                    if entry.state == LOADING and self.io.cancel(entry.job):
-                        self._remove(entry)
-                        self._free.append(entry.slot)
-                    else:
-                        self._stale[entry] = None
-            self._pending = []
+                stats.predicted += len(want)
+                stats.predicted_right += len(want & guess)
+            for entry in list(table.values()):
+                if entry.state in UNJUDGED and entry.expert not in want:
+                    self._reject(entry)
+            request = self._request = _Request(layer, experts, [])
             for e in experts:
+                entry = table.get(e)
+                if entry is not None and entry.state == FAILED:
+                    # Its read failed before anyone needed it (a guess's, an ended request's): the failure may
+                    # be transient, read it again now that it is needed.
+                    self._drop(entry)
+                    entry = None
                 self._touch(layer, e)
-                self.stats.requests += 1
-                self.stats.bytes_requested += self._plan(layer, e).nbytes
-                entry = self._layers[layer].get(e)
-                if entry is not None and entry.state != FAILED:
-                    self.stats.hits += 1
-                    entry.wanted = True
-                    if entry.speculative:
-                        entry.speculative = False
-                        self.stats.prefetch_used += 1
-                        if entry.state == LOADING:
-                            self.io.promote(entry.job)
-                else:
-                    self.stats.misses += 1
-                    self._pending.append((layer, e))
-            self._issue_pending()
-        return self._consume(layer, experts)
+                stats.requests += 1
+                stats.bytes_requested += self._plan(layer, e).nbytes
+                if entry is None:
+                    stats.misses += 1
+                    request.missing.append(e)
+                    continue
+                stats.hits += 1
+                if entry.state in UNJUDGED:
+                    stats.prefetch_used += 1
+                self._claim(entry)
+            self._issue_missing()
+
+        def end() -> None:
+            with self._cv:
+                self._end(request)
+
+        return ExpertRequest(self._consume(request), on_close=end)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         """Guess: `layer` will want `experts` (most likely first). Read those not cached while slots allow.
@@ -251,82 +339,143 @@ class StreamingExpertStore:
         with self._cv:
             if self._closed or not 0 <= layer < self.num_layers:
                 return
-            self._guess[layer] = set(experts)
+            guess = self._guess[layer] = set(experts)
             for entry in list(self._layers[layer].values()):
-                if (entry.speculative and entry.expert not in self._guess[layer] and entry.state == LOADING
-                        and self.io.cancel(entry.job)):
-                    self._remove(entry)
-                    self._free.append(entry.slot)
-                    self.stats.prefetch_issued -= 1  # never read: not a prefetch after all
-            if self._pending:
+                if entry.state == GUESS_LOADING and entry.expert not in guess and self.io.cancel(entry.job):
+                    self._drop(entry)
+                    self._stats.prefetch_issued -= 1  # never read: not a prefetch after all
+            if self._request is not None and self._request.missing:
                 return  # the current layer still waits for slots: guesses must not take them
             for e in experts:
                 if e in self._layers[layer]:
                     continue
-                slot = self._take_slot(layer, consumer=False, guess=self._guess[layer])
+                slot = self._take_slot(layer, consumer=False, guess=guess)
                 if slot is None:
                     break
-                self._start(layer, e, slot, PREFETCH).speculative = True
-                self.stats.prefetch_issued += 1
+                self._start(layer, e, slot, PREFETCH, GUESS_LOADING)
+                self._stats.prefetch_issued += 1
 
-    def _consume(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        entry: _Entry | None = None
+    def _consume(self, request: _Request) -> Iterator[tuple[int, ExpertWeights]]:
         try:
-            for e in experts:
+            for e in request.experts:
                 with self._cv:
-                    entry = self._wait_ready(layer, e)
-                    entry.pins += 1
-                    entry.wanted = False
+                    entry = self._wait_ready(request, e)
+                    self._set(entry, IN_USE)
+                    request.in_use = entry
+                    if entry.weights is None:
+                        entry.weights = self._views(entry)
                     weights = entry.weights
                 yield e, weights
                 with self._cv:
-                    entry.pins -= 1
-                    entry = None
-                    self._issue_pending()
+                    if request.in_use is entry:
+                        request.in_use = None
+                        self._set(entry, CACHED)
+                    self._issue_missing()
                     self._cv.notify_all()
         finally:
             with self._cv:
-                if entry is not None and entry.pins:
-                    entry.pins -= 1
-                for e in experts:
-                    other = self._layers[layer].get(e)
-                    if other is not None:
-                        other.wanted = False
-                self._pending = [p for p in self._pending if p[0] != layer]
-                self._cv.notify_all()
+                self._end(request)
 
-    def _wait_ready(self, layer: int, e: int) -> _Entry:
+    def _end(self, request: _Request) -> None:
+        """The request is over (closed, finished, or replaced): its entries belong to the cache again."""
+        if self._request is not request:
+            return
+        for e in request.experts:
+            entry = self._layers[request.layer].get(e)
+            if entry is None:
+                continue
+            if entry.state == WANT_LOADING:
+                self._set(entry, LOADING)
+            elif entry.state in (WANT, IN_USE):
+                self._set(entry, CACHED)
+        request.in_use = None
+        request.missing.clear()
+        self._request = None
+        self._cv.notify_all()
+
+    def _wait_ready(self, request: _Request, e: int) -> _Entry:
         started: float | None = None
         try:
             while True:
                 self._check_open()
-                entry = self._layers[layer].get(e)
+                if self._request is not request:
+                    raise RuntimeError("this expert request has ended (the next one was made)")
+                entry = self._layers[request.layer].get(e)
                 if entry is None:
-                    slot = self._take_slot(layer, consumer=True, current=e)
+                    slot = self._take_slot(request.layer, consumer=True, current=e)
                     if slot is not None:
-                        if (layer, e) in self._pending:
-                            self._pending.remove((layer, e))
-                        entry = self._start(layer, e, slot, DEMAND)
-                        entry.wanted = True
+                        if e in request.missing:
+                            request.missing.remove(e)
+                        self._start(request.layer, e, slot, DEMAND, WANT_LOADING)
                         continue
-                elif entry.state == READY:
-                    if entry.weights is None:
-                        entry.weights = self._views(entry)
+                elif entry.state == WANT:
                     return entry
                 elif entry.state == FAILED:
-                    self._remove(entry)
-                    self._free.append(entry.slot)
+                    self._drop(entry)
                     raise entry.error
+                elif entry.state != WANT_LOADING:
+                    self._claim(entry)  # entered after the request (a guess for this very layer): ours now
+                    continue
                 else:
-                    self._issue_pending()  # keep the disk busy with the rest of this layer meanwhile
+                    self._issue_missing()  # keep the disk busy with the rest of this layer meanwhile
                 if not self.io.alive:
-                    raise RuntimeError("the expert reader thread has stopped")
+                    raise RuntimeError("the expert reader thread has stopped") from self.io.error
                 if started is None:
                     started = time.perf_counter()
                 self._cv.wait(timeout=1.0)
         finally:
             if started is not None:
-                self.stats.stall_seconds += time.perf_counter() - started
+                self._stats.stall_seconds += time.perf_counter() - started
+
+    # ------------------------------------------------------------------ states
+
+    def _set(self, entry: _Entry, state: str) -> None:
+        assert state in TRANSITIONS[entry.state], f"expert {entry.layer}/{entry.expert}: {entry.state} -> {state}"
+        entry.state = state
+        self._seq += 1
+        entry.since = self._seq
+
+    def _drop(self, entry: _Entry) -> None:
+        """The entry leaves the table; its slot is free (its read was cancelled, has finished or failed)."""
+        del self._layers[entry.layer][entry.expert]
+        entry.weights = None
+        self._free.append(entry.slot)
+
+    def _claim(self, entry: _Entry) -> None:
+        """The open request takes an entry that is read or being read (a hit)."""
+        if entry.state in READ_RUNNING:
+            self._set(entry, WANT_LOADING)
+            self.io.promote(entry.job)
+        else:
+            self._set(entry, WANT)
+
+    def _reject(self, entry: _Entry) -> None:
+        """The router did not take this guess: cancel its read if it has not started, else evict it first."""
+        if entry.state == GUESS:
+            self._set(entry, REJECTED)
+        elif self.io.cancel(entry.job):
+            self._drop(entry)
+            self._stats.prefetch_issued -= 1  # never read: not a prefetch after all
+        else:
+            self._set(entry, REJECTED_LOADING)
+
+    def check_invariants(self) -> None:
+        """AssertionError if the bookkeeping is inconsistent (tests; cheap enough to call after every step)."""
+        with self._cv:
+            entries = [x for d in self._layers for x in d.values()]
+            used = sorted([x.slot for x in entries] + self._free)
+            assert used == list(range(self.slots)), f"slots lost or shared: {used}"
+            for n, d in enumerate(self._layers):
+                for e, x in d.items():
+                    assert (x.layer, x.expert) == (n, e) and x.state in TRANSITIONS, (n, e, x.state)
+            request = self._request
+            for x in entries:
+                mine = request is not None and x.layer == request.layer and x.expert in request.experts
+                assert mine or x.state not in REQUESTED, (x.layer, x.expert, x.state)
+                assert (x.state == IN_USE) == (request is not None and request.in_use is x), (x.layer, x.expert)
+                assert x.state != FAILED or x.error is not None
+            if request is not None:
+                assert all(e not in self._layers[request.layer] for e in request.missing)
 
     # ------------------------------------------------------------------ slots and replacement
 
@@ -347,83 +496,86 @@ class StreamingExpertStore:
         # log2 of the decayed count, shifted by a term common to all keys: comparable across ticks
         return math.log2(self._count[entry.layer][entry.expert]) + last / self._half_life
 
-    def _evictable(self, entry: _Entry) -> bool:
-        if entry.pins or entry.wanted:
-            return False
-        if entry.state == LOADING:
-            return entry.stale and entry.job.state == "queued"
-        return True
-
-    def _victim(self, layer: int, consumer: bool, current: int | None, guess: set[int] | None = None) -> _Entry | None:
-        for entry in self._stale:
-            if self._evictable(entry):
-                return entry
-        if guess is not None and not self.guesses_borrow:
-            # A guess replaces its own layer's other entries first: the router will very likely not take
-            # those this time (they keep only the value any entry has for later tokens), while an entry of
-            # another layer may be a hit within this very token. Beyond that, guesses may borrow only as
-            # many slots as one layer routes to (the plan's second layer of slots), so a small cache still
-            # reads the next layer ahead without guesses churning everyone's entries.
-            candidates = [x for x in self._layers[layer].values()
-                          if self._evictable(x) and not x.speculative and x.expert not in guess]
-            if candidates:
-                return min(candidates, key=self._score)
-            in_flight = sum(1 for d in self._layers for x in d.values() if x.speculative)
-            if in_flight >= self.experts_per_token:
+    def _take_slot(self, layer: int, consumer: bool, current: int | None = None,
+                   guess: set[int] | None = None) -> int | None:
+        """A free slot, or one freed by evicting an entry (None: nothing may be evicted for this)."""
+        if not self._free:
+            victim = self._first_out()
+            if victim is None and guess is not None and not self.guesses_borrow:
+                victim = self._guess_victim(layer, guess)
+                if victim is None and self._guesses_in_flight() >= self.experts_per_token:
+                    return None
+            if victim is None:
+                victim = self._policy_victim(layer)
+            if victim is None and consumer:
+                victim = self._progress_victim(layer, current)
+            if victim is None:
                 return None
+            self._drop(victim)
+            self._stats.evictions += 1
+        return self._free.pop()
+
+    def _first_out(self) -> _Entry | None:
+        """Rule 1: failed reads and guesses the router did not take, oldest first (a queued read is cancelled)."""
+        out = sorted((x for d in self._layers for x in d.values() if x.state in (FAILED, REJECTED, REJECTED_LOADING)),
+                     key=lambda x: x.since)
+        for x in out:
+            if x.state != REJECTED_LOADING or self.io.cancel(x.job):
+                return x
+        return None
+
+    def _guess_victim(self, layer: int, guess: set[int]) -> _Entry | None:
+        """Rule 2, for a guess: its own layer's cached entries outside the guess first. The router will very
+        likely not take those this time (they keep only the value any entry has for later tokens), while an
+        entry of another layer may be a hit within this very token. Beyond that, guesses may borrow only as
+        many slots as one layer routes to (the plan's second layer of slots; _take_slot), so a small cache
+        still reads the next layer ahead without guesses churning everyone's entries."""
+        own = [x for x in self._layers[layer].values() if x.state == CACHED and x.expert not in guess]
+        return min(own, key=self._score) if own else None
+
+    def _guesses_in_flight(self) -> int:
+        return sum(1 for d in self._layers for x in d.values() if x.state in UNJUDGED)
+
+    def _policy_victim(self, layer: int) -> _Entry | None:
+        """Rule 3, per-layer quotas: a layer under its share takes from the layer furthest over its share;
+        otherwise from itself; then from anyone. Within a layer the policy's lowest score goes."""
         quota = self.slots / self.num_layers
         counts = [len(d) for d in self._layers]
-        # A layer under its share takes from the layer furthest over its share; otherwise from itself.
         order = [layer]
         if counts[layer] < quota:
             order = sorted((n for n in range(self.num_layers) if counts[n] > quota), key=lambda n: -counts[n]) + order
         order += [n for n in sorted(range(self.num_layers), key=lambda n: -counts[n]) if n not in order]
         for n in order:
-            candidates = [x for x in self._layers[n].values() if self._evictable(x) and not x.speculative]
+            candidates = [x for x in self._layers[n].values() if x.state == CACHED]
             if candidates:
                 return min(candidates, key=self._score)
-        if not consumer:
-            return None
-        # The consumer must make progress: take an unconfirmed guess, then an expert wanted later in this layer.
+        return None
+
+    def _progress_victim(self, layer: int, current: int | None) -> _Entry | None:
+        """Rule 4, only for the expert the consumer waits for: an unjudged guess already read, then an
+        expert wanted later in this request (read again when its turn comes)."""
         for d in self._layers:
             for x in d.values():
-                if x.speculative and not x.pins and x.state == READY:
+                if x.state == GUESS:
                     return x
-        later = [x for x in self._layers[layer].values()
-                 if x.wanted and not x.pins and x.state == READY and x.expert != current]
-        return max(later, key=lambda x: x.expert) if later else None
+        later = [x for x in self._layers[layer].values() if x.state == WANT and x.expert != current]
+        if not later:
+            return None
+        return max(later, key=lambda x: x.expert)
 
-    def _take_slot(self, layer: int, consumer: bool, current: int | None = None,
-                   guess: set[int] | None = None) -> int | None:
-        if self._free:
-            return self._free.pop()
-        while True:
-            victim = self._victim(layer, consumer, current, guess)
-            if victim is None:
-                return None
-            if victim.state == LOADING and not self.io.cancel(victim.job):
-                self._stale.pop(victim, None)  # started meanwhile: it finishes, then it is evictable
+    def _issue_missing(self) -> None:
+        """Start the open request's misses, in order, while slots can be had without the consumer's rule."""
+        request = self._request
+        while request is not None and request.missing:
+            e = request.missing[0]
+            if e in self._layers[request.layer]:
+                request.missing.pop(0)
                 continue
-            self._remove(victim)
-            self.stats.evictions += 1
-            return victim.slot
-
-    def _remove(self, entry: _Entry) -> None:
-        entry.removed = True
-        self._layers[entry.layer].pop(entry.expert, None)
-        self._stale.pop(entry, None)
-
-    def _issue_pending(self) -> None:
-        while self._pending:
-            layer, e = self._pending[0]
-            if e in self._layers[layer]:
-                self._pending.pop(0)
-                continue
-            slot = self._take_slot(layer, consumer=False)
+            slot = self._take_slot(request.layer, consumer=False)
             if slot is None:
                 return
-            self._pending.pop(0)
-            self._start(layer, e, slot, DEMAND).wanted = True
+            request.missing.pop(0)
+            self._start(request.layer, e, slot, DEMAND, WANT_LOADING)
 
     # ------------------------------------------------------------------ reads
 
@@ -447,29 +599,29 @@ class StreamingExpertStore:
             plan = self._plans[key] = _RecordPlan(layout, tuple(pieces), tuple(mapped.ranges), mapped.nbytes)
         return plan
 
-    def _slot_buffer(self, slot: int) -> np.ndarray:
-        return self.arena[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
-
-    def _start(self, layer: int, e: int, slot: int, priority: int) -> _Entry:
+    def _start(self, layer: int, e: int, slot: int, priority: int, state: str) -> _Entry:
         plan = self._plan(layer, e)
-        job = ReadJob(plan.layout, self._slot_buffer(slot), self._on_done, priority)
-        entry = _Entry(layer, e, slot, job)
-        job.tag = entry
+        buffer = self.arena[slot * self.slot_bytes:(slot + 1) * self.slot_bytes]
+        job = ReadJob(plan.layout, buffer, self._on_done, priority)
+        entry = job.tag = _Entry(layer, e, slot, job, state)
         self._layers[layer][e] = entry
         self.io.submit(job)
         return entry
 
     def _on_done(self, job: ReadJob, error: BaseException | None) -> None:
-        # Runs on the I/O thread.
+        # Runs on an I/O thread.
         with self._cv:
             entry: _Entry = job.tag
-            self.stats.read_seconds += job.seconds
+            self._stats.read_seconds += job.seconds
+            if self._layers[entry.layer].get(entry.expert) is not entry:
+                return  # cancelled at close
             if error is None:
-                self.stats.reads += 1
-                self.stats.bytes_read += job.layout.read_bytes
-                entry.state = READY
+                self._stats.reads += 1
+                self._stats.bytes_read += job.layout.read_bytes
+                self._set(entry, READ_RUNNING[entry.state])
             else:
-                entry.state, entry.error = FAILED, error
+                entry.error = error
+                self._set(entry, FAILED)
             self._cv.notify_all()
 
     def _views(self, entry: _Entry) -> ExpertWeights:
@@ -497,7 +649,7 @@ class StreamingExpertStore:
         """Wait until no read is queued or running (tests and benchmarks); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while any(x.state == LOADING for d in self._layers for x in d.values()):
+            while any(x.state in READ_RUNNING for d in self._layers for x in d.values()):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -509,14 +661,38 @@ class StreamingExpertStore:
         with self._cv:
             return sorted((n, e) for n, d in enumerate(self._layers) for e in d)
 
+    def states(self) -> dict[tuple[int, int], str]:
+        """(layer, expert) -> state of every entry, for tests and tools."""
+        with self._cv:
+            return {(n, e): x.state for n, d in enumerate(self._layers) for e, x in d.items()}
+
+    def prefault_dense(self, ranges: list[TensorRange]) -> None:
+        """Fill the page cache with these ranges on a background thread the store owns (stopped at close)."""
+        with self._cv:
+            self._check_open()
+            if self._prefault is None:
+                self._prefault = PageCacheFill(ranges)
+
     def close(self) -> None:
+        """Stop the prefault and I/O threads, close the files, unmap the arena (idempotent)."""
         with self._cv:
             if self._closed:
                 return
             self._closed = True
             self._cv.notify_all()
-        self.io.close()
+        if self._prefault is not None:
+            self._prefault.close()
+        if self.io is not None:
+            self.io.close()  # waits for the running reads: nothing uses the fds or the arena after this
+        with self._cv:
+            for d in self._layers:
+                for x in d.values():
+                    x.weights = x.job.buffer = None
+                d.clear()
         self.reader.close()
+        if self.arena is not None:
+            mapping, self.arena = self.arena.base, None
+            unmap(mapping)
 
     def __enter__(self) -> "StreamingExpertStore":
         return self
@@ -529,12 +705,13 @@ def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max
     """Plan `budget` bytes (None: what this machine or cgroup has available) and open a store with the
     expert cache the plan leaves (options go to StreamingExpertStore); BudgetError naming the minimum
     before anything is read."""
-    from gptoss_stream.streaming.budget import available_memory, dense_ranges, plan_memory
+    from gptoss_stream.streaming.budget import dense_ranges, plan_memory
+    from gptoss_stream.system import available_memory
 
     slot_bytes = expert_slot_bytes(checkpoint)
     plan = plan_memory(checkpoint.config, slot_bytes, budget if budget is not None else available_memory(),
                        context_length, max_chunk)
     store = StreamingExpertStore(checkpoint, plan.expert_slots, **options)
     # The plan keeps the dense weights in the page cache: fill it with large reads now instead of page faults.
-    prefault_page_cache(dense_ranges(checkpoint))
+    store.prefault_dense(dense_ranges(checkpoint))
     return store, plan

@@ -3,9 +3,13 @@
 The model asks the store for the experts the router picked, layer by layer, and never touches the rest.
 The protocol every store follows (model.Model.moe_block):
 
-    for expert, weights in store.request(layer, experts):   # sorted expert ids; reads start at once
-        ...                                                 # weights stay valid until the next iteration
-    store.prefetch(layer + 1, guessed_experts)              # only if store.prefetches: a hint, may be ignored
+    with store.request(layer, experts) as routed:           # sorted expert ids; reads start at once
+        store.prefetch(layer + 1, guessed_experts)          # only if store.prefetches: a hint, may be ignored
+        for expert, weights in routed:
+            ...                                             # weights stay valid until the next iteration
+
+Leaving the `with` (or the next request) ends the request: a request that is dropped, never iterated or
+interrupted by an exception must not keep its experts from being evicted.
 
 `MappedExpertStore` hands out views straight into the checkpoint's memory map: the kernel pages them in on
 first use, and nothing else of the expert tensors is read. expert_cache.StreamingExpertStore reads them
@@ -15,7 +19,7 @@ into a RAM-budgeted cache instead (`--ram-budget`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from gptoss_stream.weights.checkpoint import Checkpoint
@@ -41,6 +45,32 @@ class ExpertStats:
                              for f in dataclasses.fields(self)})
 
 
+class ExpertRequest:
+    """What `store.request` returns: iterate it once for (expert, weights); `close()` (or leaving `with`)
+    ends it, whether or not it was iterated."""
+
+    def __init__(self, items: Iterator[tuple[int, ExpertWeights]], on_close: Callable[[], None] | None = None):
+        self._items = items
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[tuple[int, ExpertWeights]]:
+        return self._items
+
+    def close(self) -> None:
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+    def __enter__(self) -> "ExpertRequest":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class MappedExpertStore:
     """Experts served as zero-copy views of the mapped checkpoint (page faults do the reading)."""
 
@@ -53,9 +83,9 @@ class MappedExpertStore:
         # decode path. They are numpy headers over the mapping, no weight bytes.
         self._views: dict[tuple[int, int], ExpertWeights] = {}
 
-    def request(self, layer: int, experts: Iterable[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def request(self, layer: int, experts: Iterable[int]) -> ExpertRequest:
         experts = [int(e) for e in experts]
-        return ((e, self.get(layer, e)) for e in experts)
+        return ExpertRequest((e, self.get(layer, e)) for e in experts)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:
         pass

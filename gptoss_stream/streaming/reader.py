@@ -20,10 +20,13 @@ and offset (never a hang, never a half-filled buffer used as weights).
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import heapq
 import itertools
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gptoss_stream.errors import UserError
+from gptoss_stream.weights.fileio import pread_into
 from gptoss_stream.weights.layouts.base import TensorRange
 
 # O_DIRECT needs file offset, length and buffer address aligned to the device's logical block size
@@ -38,7 +43,7 @@ from gptoss_stream.weights.layouts.base import TensorRange
 ALIGN = 4096
 
 
-class ReadError(RuntimeError):
+class ReadError(UserError, RuntimeError):
     """A checkpoint read failed or came back short (file truncated or replaced under a running process)."""
 
 
@@ -125,6 +130,20 @@ def aligned_buffer(nbytes: int, huge_pages: bool = False) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8, count=nbytes)
 
 
+def unmap(mapping: memoryview) -> bool:
+    """Unmap an aligned_buffer now: pass its `.base` in a local variable after dropping every reference to
+    the array. False if some numpy view of it is still alive (it is then unmapped with the last one).
+
+    numpy's views keep a reference to this memoryview but no buffer export, so releasing it under a live
+    view would let the mapping go under that view: its reference count is the only safe witness."""
+    if sys.getrefcount(mapping) > 3:  # the caller's variable, this argument, getrefcount's own
+        return False
+    owner = mapping.obj
+    mapping.release()
+    owner.close()
+    return True
+
+
 # ---------------------------------------------------------------------------- synchronous reads
 
 
@@ -142,6 +161,7 @@ class FileReader:
         """direct: True = require O_DIRECT, False = buffered reads, None = O_DIRECT if it works, else buffered."""
         self.direct_wanted = direct
         self._fds: dict[str, tuple[int, bool, int]] = {}  # path -> (fd, is_direct, size at open)
+        self._retired: list[int] = []  # O_DIRECT fds replaced by buffered ones, closed with the reader
         self._lock = threading.Lock()
         self.counters = ReadCounters()
 
@@ -173,31 +193,30 @@ class FileReader:
         fd, direct, _ = self._open(extent.path)
         need = extent.needed_end - extent.file_offset  # the bytes past `need` may legitimately lie past EOF
         view = memoryview(buffer)[extent.buffer_offset:extent.buffer_offset + extent.nbytes]
-        got = 0
+        got = calls = 0
         started = time.perf_counter()
         try:
-            while got < need:
+            while True:
                 try:
-                    n = os.preadv(fd, [view[got:]], extent.file_offset + got)
+                    got, calls = pread_into(fd, view, extent.file_offset, need, ALIGN if direct else 1)
+                    break
                 except OSError as e:
-                    if direct and e.errno == 22 and got == 0:
-                        # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer):
-                        # fall back to buffered reads for this file.
-                        self._reopen_buffered(extent.path)
-                        fd, direct = self._open(extent.path)[:2]
-                        continue
-                    raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset + got} "
-                                    f"failed: {e.strerror}") from None
-                self.counters.reads += 1
-                if n == 0 or (direct and n % ALIGN and got + n < need):
-                    size = os.fstat(fd).st_size
-                    raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got + n} "
-                                    f"while reading bytes {extent.file_offset}..{extent.needed_end} "
-                                    f"(file is {size} bytes; truncated or replaced while running?)")
-                got += n
-                self.counters.bytes += n
+                    if not (direct and e.errno == errno.EINVAL):
+                        raise ReadError(f"{extent.path}: read of {need} bytes at offset {extent.file_offset} "
+                                        f"failed: {e.strerror}") from None
+                    # EINVAL: this file system refuses O_DIRECT after all (or not for this buffer): read the
+                    # extent again with buffered reads, and use them for this file from now on.
+                    fd, direct = self._reopen_buffered(extent.path)
+            if got < need:
+                size = os.fstat(fd).st_size
+                raise ReadError(f"{extent.path}: unexpected end of file at offset {extent.file_offset + got} "
+                                f"while reading bytes {extent.file_offset}..{extent.needed_end} "
+                                f"(file is {size} bytes; truncated or replaced while running?)")
         finally:
-            self.counters.seconds += time.perf_counter() - started
+            with self._lock:  # shared by the I/O threads, read by --stats
+                self.counters.reads += calls
+                self.counters.bytes += got
+                self.counters.seconds += time.perf_counter() - started
         if direct:
             return
         # Buffered fallback: drop what we just read from the page cache, so expert bytes do not push the
@@ -207,11 +226,18 @@ class FileReader:
         except OSError:
             pass
 
-    def _reopen_buffered(self, path: str) -> None:
+    def _reopen_buffered(self, path: str) -> tuple[int, bool]:
+        """Switch path to a buffered fd (once, whichever I/O thread asks first); returns (fd, direct).
+
+        The O_DIRECT fd is retired, not closed: another I/O thread may be inside a pread on it (closing it
+        could even hand its number to the next open). Retired fds are closed with the reader."""
         with self._lock:
-            fd, _, size = self._fds[path]
-            os.close(fd)
-            self._fds[path] = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False, size)
+            fd, direct, size = self._fds[path]
+            if direct:
+                self._retired.append(fd)
+                fd, direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+                self._fds[path] = (fd, direct, size)
+            return fd, direct
 
     def read_record(self, layout: RecordLayout, buffer: np.ndarray) -> None:
         if buffer.nbytes < layout.nbytes:
@@ -221,44 +247,62 @@ class FileReader:
 
     def check_sizes(self) -> None:
         """ReadError if a file shrank since it was opened (the mapped dense weights would fault with SIGBUS)."""
-        for path, (fd, _, size) in list(self._fds.items()):
-            now = os.fstat(fd).st_size
-            if now < size:
-                raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
+        with self._lock:
+            for path, (fd, _, size) in self._fds.items():
+                now = os.fstat(fd).st_size
+                if now < size:
+                    raise ReadError(f"{path}: file shrank from {size} to {now} bytes while the model was running")
+
+    def counters_copy(self) -> ReadCounters:
+        """A consistent copy of the counters (the I/O threads update them under the lock)."""
+        with self._lock:
+            return dataclasses.replace(self.counters)
 
     def close(self) -> None:
         with self._lock:
-            for fd, _, _ in self._fds.values():
+            for fd in [fd for fd, _, _ in self._fds.values()] + self._retired:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
 
-def prefault_page_cache(ranges: Sequence[TensorRange]) -> threading.Thread:
-    """Ask the kernel to read these ranges into the page cache (posix_fadvise WILLNEED), on a background
-    thread; returns the thread. Used for the dense weights: the first token needs all of them, and large
-    asynchronous readahead fills the cache several times faster than the page faults of the first matmuls."""
+class PageCacheFill:
+    """Asks the kernel to read ranges into the page cache (posix_fadvise WILLNEED) on a background thread.
 
-    def run() -> None:
+    Used for the dense weights: the first token needs all of them, and large asynchronous readahead fills
+    the cache several times faster than the page faults of the first matmuls. Only a hint: errors are
+    ignored (the page faults read whatever it did not). `close()` stops it between ranges and joins it."""
+
+    def __init__(self, ranges: Sequence[TensorRange]):
+        self._ranges = list(ranges)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="gptoss-prefault", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
         fds: dict[str, int] = {}
         try:
-            for r in ranges:
+            for r in self._ranges:
+                if self._stop.is_set():
+                    return
                 if r.path not in fds:
                     fds[r.path] = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
                 os.posix_fadvise(fds[r.path], r.offset, r.nbytes, os.POSIX_FADV_WILLNEED)
         except OSError:
-            pass  # only a hint: the page faults will read whatever it did not
+            pass
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    thread = threading.Thread(target=run, name="gptoss-prefault", daemon=True)
-    thread.start()
-    return thread
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join()
 
 
 # ---------------------------------------------------------------------------- background reads
 
 DEMAND, PREFETCH = 0, 1  # job priorities: lower runs first
+QUEUED, RUNNING, FINISHED, CANCELLED = "queued", "running", "finished", "cancelled"
 
 
 @dataclass(eq=False)
@@ -269,7 +313,7 @@ class ReadJob:
     buffer: np.ndarray
     done: Callable[["ReadJob", BaseException | None], None]
     priority: int = DEMAND
-    state: str = "queued"  # queued -> running -> finished | cancelled
+    state: str = "queued"  # QUEUED -> RUNNING -> FINISHED, or QUEUED -> CANCELLED (owned by IOThread)
     tag: object = None
     seconds: float = field(default=0.0)
 
@@ -289,6 +333,7 @@ class IOThread:
         self._cv = threading.Condition()
         self._closed = False
         self.busy_seconds = 0.0
+        self.error: BaseException | None = None  # what stopped a thread (a completion callback raised)
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
@@ -297,14 +342,14 @@ class IOThread:
         with self._cv:
             if self._closed:
                 raise RuntimeError("I/O thread is closed")
-            job.state = "queued"
+            job.state = QUEUED
             heapq.heappush(self._heap, (job.priority, next(self._seq), job))
             self._cv.notify()
 
     def promote(self, job: ReadJob) -> None:
         """A queued prefetch became a demand: move it ahead of the other prefetches."""
         with self._cv:
-            if job.state == "queued" and job.priority != DEMAND:
+            if job.state == QUEUED and job.priority != DEMAND:
                 job.priority = DEMAND
                 heapq.heappush(self._heap, (DEMAND, next(self._seq), job))  # the old heap entry goes stale
                 self._cv.notify()
@@ -312,14 +357,14 @@ class IOThread:
     def cancel(self, job: ReadJob) -> bool:
         """Cancel a job that has not started; True if it will never run."""
         with self._cv:
-            if job.state == "queued":
-                job.state = "cancelled"
+            if job.state == QUEUED:
+                job.state = CANCELLED
                 return True
             return False
 
     @property
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return self.error is None and all(t.is_alive() for t in self._threads)
 
     def _run(self) -> None:
         while True:
@@ -329,9 +374,9 @@ class IOThread:
                 if self._closed:
                     return
                 priority, _, job = heapq.heappop(self._heap)
-                if job.state != "queued" or priority != job.priority:
+                if job.state != QUEUED or priority != job.priority:
                     continue  # cancelled, or a stale entry of a promoted job
-                job.state = "running"
+                job.state = RUNNING
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -341,25 +386,29 @@ class IOThread:
             job.seconds = time.perf_counter() - started
             with self._cv:
                 self.busy_seconds += job.seconds
-                job.state = "finished"
+                job.state = FINISHED
             try:
                 job.done(job, error)
-            except BaseException:
-                pass  # the callback owns its errors; it must not kill the reader
+            except BaseException as e:
+                # A bug in the callback: keep it for the consumer (`alive` turns False, and the store raises
+                # it), and let this thread die with its traceback instead of serving on in a broken state.
+                with self._cv:
+                    if self.error is None:
+                        self.error = e
+                raise
 
     def close(self) -> None:
-        """Stop after the running job; jobs still queued complete with an error so nobody waits forever."""
+        """Stop after the running jobs; jobs still queued complete with an error so nobody waits forever.
+        Idempotent."""
         with self._cv:
             self._closed = True
-            dropped = [job for _, _, job in self._heap if job.state == "queued"]
+            dropped = [job for _, _, job in self._heap if job.state == QUEUED]
             for job in dropped:
-                job.state = "cancelled"
+                job.state = CANCELLED
             self._heap.clear()
             self._cv.notify_all()
         for job in dropped:
-            try:
-                job.done(job, ReadError("the expert reader was closed before this read ran"))
-            except BaseException:
-                pass
+            job.done(job, ReadError("the expert reader was closed before this read ran"))
+        # No timeout: a read still running uses its fd and buffer, which the owner frees right after this.
         for t in self._threads:
-            t.join(timeout=30)
+            t.join()

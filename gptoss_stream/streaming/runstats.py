@@ -36,11 +36,13 @@ class Probe:
     """Snapshots the store's counters and the process's disk reads; `lap()` returns what changed since."""
 
     def __init__(self, store):
-        self.stats = getattr(store, "stats", None)
+        self.store = store
         self._mark = self._now()
 
     def _now(self):
-        return (self.stats.copy() if self.stats is not None else None, process_read_bytes())
+        # A fresh copy each time: a store may hand out a snapshot (taken under its lock), not a live object.
+        stats = getattr(self.store, "stats", None)
+        return (stats.copy() if stats is not None else None, process_read_bytes())
 
     def lap(self) -> dict:
         stats, read = self._now()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import os
 
+from gptoss_stream.errors import CheckpointError
 from gptoss_stream.weights.layouts import repacked
 from gptoss_stream.weights.layouts.base import NamedWeights
 from gptoss_stream.weights.layouts.published import PublishedCheckpoint
@@ -23,6 +24,15 @@ def open_checkpoint(path: str | os.PathLike, format: str | None = None) -> Named
     if format in (None, repacked.FORMAT) and repacked.is_repacked(path):  # `gptoss repack` output has its own reader
         return repacked.RepackedCheckpoint.open(path)
     return PublishedCheckpoint.open(path, format)
+
+
+def open_user_checkpoint(path: str | os.PathLike, format: str | None = None) -> NamedWeights:
+    """open_checkpoint for a path the user gave: a missing, incomplete or damaged checkpoint is a
+    CheckpointError (a user error) with the reader's message."""
+    try:
+        return open_checkpoint(path, format)
+    except (ValueError, OSError) as e:  # opening validates every file, header, dtype and shape
+        raise CheckpointError(str(e)) from e
 
 
 class Checkpoint(abc.ABC):

@@ -355,3 +355,10 @@ def load_config(path: str | Path) -> ModelConfig:
         return ModelConfig.from_original_json(d)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{file}: {e}") from None
+
+
+def layer_capacity(config: ModelConfig, layer: int, context_length: int, max_chunk: int) -> int:
+    """Rows of a layer's cache (see engine.kvcache.KVCache): the context length, or a sliding layer's ring."""
+    if config.is_sliding(layer):
+        return min(context_length, config.sliding_window + max_chunk - 1)
+    return context_length

@@ -48,6 +48,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from gptoss_stream.errors import InputError
 from gptoss_stream.progress import ProgressBar, format_bytes
 from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.layouts.base import original_tensors
@@ -324,7 +325,7 @@ def _clear_outputs(d: Path, force: bool) -> None:
     ours = [p for p in d.iterdir() if p.name in ("config.json", HF_INDEX) or p.name.endswith(".safetensors")
             or p.name.endswith(".safetensors.partial")]
     if ours and not force:
-        raise ValueError(f"{d}: already holds {ours[0].name} (use --force to overwrite)")
+        raise InputError(f"{d}: already holds {ours[0].name} (use --force to overwrite)")
     for p in ours:
         p.unlink()
 
@@ -337,12 +338,15 @@ def make_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, format: str = 
     Returns {format: directory}.
     """
     if format not in ("original", "hf", "both"):
-        raise ValueError(f"unknown format {format!r}; expected original, hf or both")
+        raise InputError(f"unknown format {format!r}; expected original, hf or both")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     if max_shard_bytes <= 0:
-        raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
-    cfg.validate()
+        raise InputError(f"max shard size must be positive, got {max_shard_bytes}")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise InputError(str(e)) from e
     out = Path(out_dir)
     targets = {"original": out, "hf": out} if format != "both" else {"original": out / "original", "hf": out / "hf"}
     formats = ["original", "hf"] if format == "both" else [format]
@@ -352,7 +356,7 @@ def make_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, format: str = 
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise ValueError(f"{out}: need {format_bytes(need)} but only {format_bytes(free)} is free")
+        raise InputError(f"{out}: need {format_bytes(need)} but only {format_bytes(free)} is free")
     for fmt in formats:
         _clear_outputs(targets[fmt], force)
     written: dict[str, Path] = {}

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptoss_stream.errors import SetupError
 from gptoss_stream.commands.memprof.proc import ProcReader
 
 CGROUP_NAME_PREFIX = "gptoss-memprof-"
@@ -22,7 +23,7 @@ _ROOT_BECAUSE = {
 
 def _require_root(option: str) -> None:
     if os.geteuid() != 0:
-        raise RuntimeError(f"{option} needs root {_ROOT_BECAUSE[option]}; run as root (sudo) or drop {option}")
+        raise SetupError(f"{option} needs root {_ROOT_BECAUSE[option]}; run as root (sudo) or drop {option}")
 
 
 
@@ -32,7 +33,7 @@ def _memory_cgroup_mount() -> Path:
             _, mountpoint, fstype, options, *_ = line.split()
             if fstype == "cgroup" and "memory" in options.split(","):
                 return Path(mountpoint)
-    raise RuntimeError("--limit needs the cgroup v1 memory controller, and none is mounted "
+    raise SetupError("--limit needs the cgroup v1 memory controller, and none is mounted "
                        "(no 'cgroup ... memory' line in /proc/self/mounts; cgroup v2-only hosts are not supported)")
 
 
@@ -81,12 +82,12 @@ class MemoryCgroup:
             path.mkdir()
             (path / "memory.limit_in_bytes").write_text(str(limit))
         except OSError as e:
-            raise RuntimeError(f"cannot create memory cgroup {path}: {e}") from None
+            raise SetupError(f"cannot create memory cgroup {path}: {e}") from None
         group = cls(path)
         applied = group.read("memory.limit_in_bytes")
         if applied > limit:
             group.remove()
-            raise RuntimeError(f"{path}: memory.limit_in_bytes is {applied} after writing {limit}")
+            raise SetupError(f"{path}: memory.limit_in_bytes is {applied} after writing {limit}")
         return group
 
     def add(self, pid: int) -> None:
@@ -117,5 +118,5 @@ def drop_page_cache(paths: list[str]) -> None:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
     except OSError as e:
-        raise RuntimeError(f"--cold: cannot write /proc/sys/vm/drop_caches: {e}") from None
+        raise SetupError(f"--cold: cannot write /proc/sys/vm/drop_caches: {e}") from None
 

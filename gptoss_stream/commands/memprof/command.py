@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gptoss_stream.errors import InputError, SetupError
 from gptoss_stream.commands import options
 from gptoss_stream.commands.memprof.cgroup import MemoryCgroup, _require_root, drop_page_cache
 from gptoss_stream.commands.memprof.plot import MATPLOTLIB_MISSING, plot_report
@@ -161,6 +162,7 @@ def profile(args: argparse.Namespace, cgroup: MemoryCgroup | None = None) -> dic
     }
     report["summary"] = summarize(report)
     report["summary"]["profiler_seconds"] = profiler.sampling_seconds
+    model.close()
     report["summary"]["profiler_cpu_seconds"] = profiler.sampling_cpu_seconds
     report["summary"]["engine_prefill_seconds"] = result.prefill_seconds
     report["summary"]["engine_decode_tokens_per_second"] = result.decode_tokens_per_second
@@ -207,11 +209,11 @@ def _run_limited(args: argparse.Namespace) -> int:
             if code == -signal.SIGKILL:
                 peak = format_bytes(group.read("memory.max_usage_in_bytes"))
                 if group.oom_kills():
-                    raise RuntimeError(
+                    raise SetupError(
                         f"out of memory: the kernel killed the workload inside the {format_bytes(args.limit_bytes)} "
                         f"memory cgroup (peak usage {peak}, limit hit {group.read('memory.failcnt')} times). "
                         "Raise --limit or lower --ram-budget.")
-                raise RuntimeError(f"the workload was killed (SIGKILL; peak cgroup usage {peak})")
+                raise SetupError(f"the workload was killed (SIGKILL; peak cgroup usage {peak})")
             return code if code >= 0 else 128 - code
         finally:
             group.remove()
@@ -223,14 +225,14 @@ def run_memprof(args: argparse.Namespace) -> int:
         print(format_compare(a, b, (Path(args.compare[0]).name, Path(args.compare[1]).name)))
         return 0
     if not args.model or args.prompt is None:
-        raise ValueError("memprof needs -m MODEL_DIR and -p PROMPT (or --compare A.json B.json)")
+        raise InputError("memprof needs -m MODEL_DIR and -p PROMPT (or --compare A.json B.json)")
     if args.max_tokens < 2:
-        raise ValueError(f"memprof needs -n >= 2 (one token from the prefill, at least one decode step), "
+        raise InputError(f"memprof needs -n >= 2 (one token from the prefill, at least one decode step), "
                          f"got {args.max_tokens}")
     if args.interval <= 0:
-        raise ValueError(f"--interval must be positive, got {args.interval}")
+        raise InputError(f"--interval must be positive, got {args.interval}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before a long run, not after it
-        raise RuntimeError(MATPLOTLIB_MISSING)
+        raise SetupError(MATPLOTLIB_MISSING)
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     from gptoss_stream.streaming.budget import parse_size  # the same size syntax as --ram-budget

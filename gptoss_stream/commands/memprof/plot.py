@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gptoss_stream.errors import SetupError
 from gptoss_stream.commands.memprof.report import format_bytes
 
 MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install 'gptoss-stream[plot]' (or pip install matplotlib)"
@@ -17,7 +18,7 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError(MATPLOTLIB_MISSING) from None
+        raise SetupError(MATPLOTLIB_MISSING) from None
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from gptoss_stream.errors import InputError
 from gptoss_stream.commands.memprof.sampling import PHASES
 
 SCHEMA = "gptoss-memprof"
@@ -120,15 +121,15 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: memprof report not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a memprof JSON report ({e})") from None
+        raise InputError(f"{path}: not a memprof JSON report ({e})") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a memprof report (no \"schema\": \"{SCHEMA}\")")
+        raise InputError(f"{path}: not a memprof report (no \"schema\": \"{SCHEMA}\")")
     if report.get("version") != VERSION:
-        raise ValueError(f"{path}: memprof report version {report.get('version')!r}; "
+        raise InputError(f"{path}: memprof report version {report.get('version')!r}; "
                          f"this gptoss reads version {VERSION}")
     missing = [k for k in REPORT_KEYS if k not in report]
     if missing:
-        raise ValueError(f"{path}: memprof report lacks {', '.join(missing)}")
+        raise InputError(f"{path}: memprof report lacks {', '.join(missing)}")
     return report
 
 

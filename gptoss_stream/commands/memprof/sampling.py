@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gptoss_stream.errors import InputError
 from gptoss_stream.commands.memprof.cgroup import MemoryCgroup
 from gptoss_stream.commands.memprof.proc import ProcReader, read_rusage, reset_peak_rss
 
@@ -48,7 +49,7 @@ class Profiler:
     def __init__(self, interval: float = DEFAULT_INTERVAL, cgroup: MemoryCgroup | None = None,
                  slow_share: float = SLOW_SHARE):
         if interval <= 0:
-            raise ValueError(f"--interval must be positive, got {interval}")
+            raise InputError(f"--interval must be positive, got {interval}")
         self.interval = interval
         self.cgroup = cgroup
         self.slow_share = slow_share

@@ -18,6 +18,10 @@ EXPERT_PIECES: tuple[str, ...] = (
     "mlp.mlp1_weight.blocks", "mlp.mlp1_weight.scales", "mlp.mlp1_bias",
     "mlp.mlp2_weight.blocks", "mlp.mlp2_weight.scales", "mlp.mlp2_bias",
 )
+# The expert pieces the streaming store uses in place from the mapping when they are tensors of their own
+# (expert_cache.split_expert), and the memory plan keeps in the page cache with the dense weights
+# (budget.dense_ranges): the bf16 biases, 16 KB per expert stored among the dense weights.
+MAPPED_EXPERT_PIECES: tuple[str, ...] = ("mlp.mlp1_bias", "mlp.mlp2_bias")
 
 
 def original_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -337,3 +337,4 @@ class PublishedCheckpoint(NamedWeights):
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, {len(self._files)} file(s))"
+

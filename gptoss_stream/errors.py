@@ -1,0 +1,29 @@
+"""Errors the user can fix, told apart from bugs.
+
+The command line prints a UserError as one line (`gptoss: error: ...`): the message says what is wrong with
+the input and what to do. Any other exception is a bug in gptoss and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a bad environment the user can fix: a missing or damaged checkpoint, a budget too small,
+    a context too short, a file changed under a running process."""
+
+
+class CheckpointError(UserError, ValueError):
+    """The checkpoint folder is missing, incomplete or damaged."""
+
+
+class InputError(UserError, ValueError):
+    """An argument or a destination the command cannot use as given (a bad option, an occupied folder)."""
+
+
+class DataError(UserError, RuntimeError):
+    """Data or the machine failed a check: a file differs from its manifest or its source, a file ended
+    early, the disk is full."""
+
+
+class SetupError(UserError, RuntimeError):
+    """The machine lacks something the command needs: root, a cgroup controller, an optional package."""
