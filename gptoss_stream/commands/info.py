@@ -24,7 +24,7 @@ def collect(disk_path: str = ".") -> dict:
     import psutil
 
     from gptoss_stream.engine import compute_path, kernels
-    from gptoss_stream.system import available_memory, cgroup_memory_limit
+    from gptoss_stream.system import available_memory, cgroup_cpu_limit, cgroup_memory_limit
 
     flags = compute_path.cpu_flags()
     onednn = compute_path.onednn_info()
@@ -45,6 +45,7 @@ def collect(disk_path: str = ".") -> dict:
             "flags": {f: f in flags for f in compute_path.REPORTED_CPU_FLAGS},
             "logical_cpus": os.cpu_count(),
             "cpus_allowed": affinity,
+            "cgroup_cpu_quota": cgroup_cpu_limit(),
         },
         "compute_path": {
             "selected": selected,
@@ -89,7 +90,8 @@ def format_report(info: dict) -> str:
         f"cpu            {cpu['model']}",
         f"  has          {has}",
         f"  lacks        {lacks}",
-        f"  cpus         {cpu['logical_cpus']} logical, {cpu['cpus_allowed']} allowed to this process",
+        f"  cpus         {cpu['logical_cpus']} logical, {cpu['cpus_allowed']} allowed to this process, "
+        f"cgroup CPU quota {cpu['cgroup_cpu_quota'] or 'none'}",
         f"compute path   {path['selected']}{forced}: {path['description']}",
         f"  best here    {path['best_available']}",
         f"oneDNN         {dnn['version']}, dispatches {dnn['dispatches']}{cap}",
@@ -106,9 +108,10 @@ def format_report(info: dict) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    if args.threads:
-        from gptoss_stream.engine import kernels
-        kernels.set_num_threads(args.threads)
+    from gptoss_stream import system
+    from gptoss_stream.engine import kernels
+
+    kernels.set_num_threads(args.threads or system.available_cpus())  # as generate does
     info = collect(args.path)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
@@ -127,6 +130,6 @@ def add_parser(subparsers) -> None:
                     "oneDNN dispatch as on an AVX2 CPU.")
     p.add_argument("--path", default=".", metavar="DIR",
                    help="report the free disk space where DIR lives, e.g. your checkpoint folder (default: .)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="threads to report (default: all cores)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="threads to report (default 0: the CPUs this process may use, as generate)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_info)
