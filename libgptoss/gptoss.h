@@ -98,6 +98,14 @@ int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, con
                        const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype);
 
 /*
+ * y[m, n] = x[m, k] W[n, k]^T in fp32 through oneDNN's fp32 matmul (the GEMM the fp32 path's tiles run):
+ * x row stride ldx, W [n, k] contiguous, y row stride ldy. For fp32 callers and for the benchmarks, which
+ * measure the fp32 GEMM peak the fp32 path's prefill is compared against.
+ */
+int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx, const float *w, size_t n, float *y,
+                      size_t ldy);
+
+/*
  * y[m, n] = x[m, k] W^T + bias with W an MXFP4 matrix [n, k] (blocks/scales as above, k % 32 == 0).
  * W is dequantized tile by tile (tile_rows rows at a time) into scratch and each tile goes straight to
  * oneDNN, so the bf16 copy of W stays in cache instead of round-tripping through memory. On the fp32 paths

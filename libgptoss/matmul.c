@@ -494,6 +494,25 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
     return status;
 }
 
+GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx, const float *w, size_t n, float *y,
+                                 size_t ldy) {
+    if (!x || !w || !y) return GPTOSS_ERR_NULL_POINTER;
+    if (m == 0 || n == 0 || k == 0 || ldx < k || ldy < n) return GPTOSS_ERR_BAD_SIZE;
+    if (!span_bytes(m, k, ldx, sizeof(float)) || !span_bytes(n, k, k, sizeof(float)) ||
+        !span_bytes(m, n, ldy, sizeof(float)))
+        return GPTOSS_ERR_BAD_SIZE;
+    matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = 0, .y_dtype = GPTOSS_DTYPE_F32,
+                      .threads = gptoss_sync_threads(), .f32 = 1};
+    pthread_mutex_lock(&matmul_lock);
+    cache_entry *e;
+    int status = get_primitive(&key, &e);
+    if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
+    if (!status) status = ensure_entry_lanes(e, 1);
+    if (!status) status = execute(e, 0, x, w, NULL, y);
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
+}
+
 /*
  * Tiling. A tile is tile_rows rows of W (= tile_rows columns of y). For every tile: dequantize it into a
  * scratch slot, then one oneDNN matmul reads it back while it is still in cache and writes y[:, tile].

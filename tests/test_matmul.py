@@ -165,6 +165,21 @@ def test_cache_is_bounded():
     kernels.matmul_cache_clear()
 
 
+@pytest.mark.parametrize("m, n, k", [(1, 37, 96), (9, 129, 33), (64, 300, 256)])
+def test_matmul_f32_against_reference(m, n, k):
+    """The fp32 GEMM itself (what the fp32 path's tiles run): the same summation bound, no bf16 rounding."""
+    rng = np.random.default_rng(m + n + k)
+    x_wide = rng.standard_normal((m, k + 5)).astype(np.float32)
+    x, w = x_wide[:, 2:2 + k], rng.standard_normal((n, k)).astype(np.float32)
+    y = kernels.matmul_f32(x, w)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    # fp32 inputs: each product rounds too (one more u per term than bf16 inputs need).
+    assert np.all(np.abs(y - exact) <= sum_error(2 * k, magnitude))
+    with pytest.raises(ValueError):
+        kernels.matmul_f32(x.astype(np.float64), w)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # gptoss_matmul_mxfp4
 # ---------------------------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_f32_to_bf16": ([_p, _p, _sz], _i),
     "gptoss_dequantize_mxfp4_rows": ([_p, _p, _sz, _sz, _sz, _sz, _p], _i),
     "gptoss_matmul_bf16": ([_p, _sz, _sz, _sz, _p, _sz, _p, _p, _sz, _i], _i),
+    "gptoss_matmul_f32": ([_p, _sz, _sz, _sz, _p, _sz, _p, _sz], _i),
     "gptoss_matmul_mxfp4": ([_p, _sz, _sz, _p, _p, _sz, _p, _p, _sz, _p, _sz, _sz], _i),
     "gptoss_matmul_cache_size": ([], _sz),
     "gptoss_matmul_cache_clear": ([], None),

@@ -159,6 +159,22 @@ def matmul(
     return out
 
 
+def matmul_f32(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ w.T in fp32 through oneDNN. x [m, k] float32 (rows may be strided), w [n, k] float32."""
+    ldx = _check_rows("x", x, np.float32)
+    _check("w", w, np.float32, ndim=2)
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"w: expected [n, {k}] to match x {x.shape}, got {w.shape}")
+    out, ldy = _linear_bias_and_out(None, out, m, n, np.float32)
+    if out.dtype != np.dtype(np.float32):
+        raise ValueError(f"out: expected dtype float32, got {out.dtype}")
+    _lib.call("gptoss_matmul_f32", _ptr(x), m, k, ldx, _ptr(w), n, _ptr(out), ldy,
+              context=f"x [{m}, {k}] f32, W [{n}, {k}] f32")
+    return out
+
+
 def matmul_mxfp4(
     x: np.ndarray, blocks: np.ndarray, scales: np.ndarray, bias: np.ndarray | None, scratch: np.ndarray,
     out: np.ndarray | None = None, tile_rows: int = 0,
