@@ -202,6 +202,32 @@ def routed_experts(model: Model, tokens: list[int]) -> tuple[np.ndarray, list[np
     return logits, [np.concatenate(picks[layer]) for layer in sorted(picks)]
 
 
+def replayed_routing_forward(model: Model, tokens: list[int], forced: list[np.ndarray]) -> np.ndarray:
+    """Logits of all positions with the experts of `forced[layer]` ([T, k] per layer, another
+    implementation's choice) instead of our router's top-k; the weights are still the softmax of our router's
+    logits at those experts, rounded to bf16 as route() does."""
+    from gptoss_stream.engine import kernels
+
+    consumed = [0] * model.config.num_hidden_layers
+
+    def forced_route(layer, t):
+        m = t.shape[0]
+        indices = np.asarray(forced[layer][consumed[layer]:consumed[layer] + m], dtype=np.int32)
+        consumed[layer] += m
+        w = model.layers[layer]
+        logits = kernels.bf16_to_f32(kernels.matmul(t, w.gate_weight, w.gate_bias)).astype(np.float32)
+        top = np.take_along_axis(logits, indices.astype(np.int64), axis=1)
+        e = np.exp(top - top.max(axis=1, keepdims=True))
+        weights = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return indices, kernels.bf16_to_f32(kernels.f32_to_bf16(weights))
+
+    model.route = forced_route
+    try:
+        return model.forward(tokens, model.new_cache(512), all_logits=True)
+    finally:
+        del model.route
+
+
 def routing_differs(our_picks: list[np.ndarray], their_routes: list) -> np.ndarray:
     """Positions where, in some layer, the reference's router (its (indices, ...) per layer) picked another
     set of experts than ours (sorted per token, as routed_experts records them)."""
@@ -222,15 +248,18 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
         hf_routes: list = []
         _, theirs = hf_hidden_states(hf, tokens, routes=hf_routes)
         # transformers rounds at more points, so where two experts' router logits nearly tie it sometimes
-        # picks the other one (a few tokens in 300). Those positions' logits legitimately differ more; every
-        # other position must stay within the bound.
+        # picks the other one (a few tokens in 300); attention then carries that expert's different output to
+        # later positions too. So the bound is checked with transformers' routing replayed in our engine, at
+        # every position; our own routing may differ from it at no more than 10% of the positions.
         differs = routing_differs(our_picks, hf_routes)
         rows = position_errors(ours, theirs)
+        replayed = position_errors(replayed_routing_forward(model, tokens, [r[0] for r in hf_routes]), theirs)
         print(f"vs transformers, T={length}: max|Δlogit|/std per position: median {np.median(rows):.4f}, "
-              f"max {rows.max():.4f}; routing differs at {differs.sum()} positions, "
-              f"max where it agrees {rows[~differs].max():.4f}")
+              f"max {rows.max():.4f}; routing differs at {differs.sum()} positions; with transformers' "
+              f"routing replayed: median {np.median(replayed):.4f}, max {replayed.max():.4f}")
         assert np.median(rows) < HF_BOUND / 2
-        assert rows[~differs].max() < HF_BOUND, np.flatnonzero((rows >= HF_BOUND) & ~differs)
+        assert replayed.max() < HF_BOUND, np.flatnonzero(replayed >= HF_BOUND)
+        assert np.median(replayed) < HF_BOUND / 2
         assert differs.mean() <= 0.1
     # Layer by layer: each of our layers on transformers' own input stays within bf16 rounding of its output.
     import compare_reference
@@ -245,15 +274,21 @@ def hf_compare(model: Model, hf_dir, lengths, greedy_steps: int) -> None:
     theirs, their_logits = hf_generate_greedy(hf, tokens, greedy_steps)
     cache = model.new_cache(512)
     logits = model.forward(tokens, cache)
-    ours = []
+    ours, step_errors = [], []
     for step, token in enumerate(theirs):
         ours.append(int(np.argmax(logits)))
+        step_errors.append(float(position_errors(logits[None], their_logits[step][None])[0]))
         if ours[-1] != token:
             margin = their_logits[step][token] - their_logits[step][ours[-1]]
             assert margin < 2 * HF_BOUND * np.std(their_logits[step]), f"step {step}: {ours[-1]} != {token}"
         logits = model.forward([token], cache)
-    print(f"greedy: {sum(a == b for a, b in zip(ours, theirs))}/{greedy_steps} steps identical")
-    assert sum(a == b for a, b in zip(ours, theirs)) >= 0.9 * greedy_steps
+    same = sum(a == b for a, b in zip(ours, theirs))
+    print(f"greedy: {same}/{greedy_steps} steps identical; max|Δlogit|/std per step: median "
+          f"{np.median(step_errors):.4f}, max {max(step_errors):.4f}")
+    # How many near-ties the random weights produce varies with the summation order of each compute path
+    # (full width: 30/32 identical on Zen 4's bf16 path, 28/32 with AMX), so what is bounded is the error
+    # itself: a systematic one lifts every step, as in the prompt comparison above.
+    assert np.median(step_errors) < HF_BOUND / 2
 
 
 def test_tiny_matches_transformers(tiny_model, tiny_hf):
