@@ -464,6 +464,18 @@ static int f32_matmul(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, cons
 
 /* ---------------------------------------------------------------- public API */
 
+/* One primitive for the whole product, on lane 0, all threads inside oneDNN. */
+static int run_single(const matmul_key *key, const void *x, const void *w, const void *bias, void *y) {
+    pthread_mutex_lock(&matmul_lock);
+    cache_entry *e;
+    int status = get_primitive(key, &e);
+    if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
+    if (!status) status = ensure_entry_lanes(e, 1);
+    if (!status) status = execute(e, 0, x, w, bias, y);
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
+}
+
 GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const gptoss_bf16 *w,
                                   size_t n, const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
     if (!x || !w || !y) return GPTOSS_ERR_NULL_POINTER;
@@ -484,14 +496,7 @@ GPTOSS_API int gptoss_matmul_bf16(const gptoss_bf16 *x, size_t m, size_t k, size
     }
     matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = bias != NULL,
                       .y_dtype = y_dtype, .threads = threads};
-    pthread_mutex_lock(&matmul_lock);
-    cache_entry *e;
-    int status = get_primitive(&key, &e);
-    if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
-    if (!status) status = ensure_entry_lanes(e, 1);
-    if (!status) status = execute(e, 0, x, w, bias, y);
-    pthread_mutex_unlock(&matmul_lock);
-    return status;
+    return run_single(&key, x, w, bias, y);
 }
 
 GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx, const float *w, size_t n, float *y,
@@ -503,14 +508,7 @@ GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx,
         return GPTOSS_ERR_BAD_SIZE;
     matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = 0, .y_dtype = GPTOSS_DTYPE_F32,
                       .threads = gptoss_sync_threads(), .f32 = 1};
-    pthread_mutex_lock(&matmul_lock);
-    cache_entry *e;
-    int status = get_primitive(&key, &e);
-    if (!status) status = ensure_lanes(1, e->scratchpad_bytes);
-    if (!status) status = ensure_entry_lanes(e, 1);
-    if (!status) status = execute(e, 0, x, w, NULL, y);
-    pthread_mutex_unlock(&matmul_lock);
-    return status;
+    return run_single(&key, x, w, NULL, y);
 }
 
 /*
