@@ -1,6 +1,7 @@
 /*
- * Matmuls of a few rows of activations (m <= GEMV_MAX_ROWS: decode, and small expert groups in prefill) on
- * the fp32 compute paths, for CPUs without bf16 dot products (see runtime.c).
+ * Matmuls of a few rows of activations (m <= GEMV_MAX_ROWS: decode, and small expert groups in prefill):
+ * bf16 and MXFP4 weights on the fp32 compute paths (CPUs without bf16 dot products, see runtime.c), and MXFP4
+ * weights on the AVX-512 BF16 path too (mxfp4_rows_avx512: decode in registers, VDPBF16PS).
  *
  * Such a product is bound by reading W: every weight is used m times at most. So each weight is read once,
  * widened to fp32 in registers (bf16 -> fp32 is a 16-bit shift) and multiplied with FMA; nothing the size of
@@ -12,8 +13,8 @@
  * m = 3, 4 and R = 1 up to m = 8 keep them in the 16 ymm registers and give the FMA units independent
  * chains. Up to m = 8 this beats widening W into fp32 tiles for oneDNN (the expert groups of a 64-token
  * prefill chunk average 8 tokens): [5760, 2880] MXFP4 at m = 8, one thread, 7.5 ms through tiles.
- * Per ISA: AVX2 + FMA, and a plain C loop for the scalar path; the results differ from each other and from
- * the bf16 path only in fp32 summation order.
+ * Per ISA: AVX-512 BF16 (MXFP4 only), AVX2 + FMA, and a plain C loop for the scalar path; the results differ
+ * from each other and from oneDNN's only in fp32 summation order (and VDPBF16PS's own rounding of pairs).
  */
 #include <immintrin.h>
 #include <string.h>
