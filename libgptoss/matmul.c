@@ -309,6 +309,23 @@ static size_t span_bytes(size_t rows, size_t cols, size_t ld, size_t elem) {
     return bytes;
 }
 
+/* The primitives of a tiled product: one for a full tile, one for the last (possibly shorter) tile, both with
+ * memory objects for n_par lanes and every lane's scratchpad large enough. Caller holds matmul_lock. */
+static int get_tile_primitives(const matmul_key *full_key, const matmul_key *last_key, size_t n_par,
+                               cache_entry **full, cache_entry **last) {
+    int status = get_primitive(full_key, full);
+    /* This lookup cannot evict `full`: it was used last and LRU evicts the least recently used entry. */
+    if (!status) status = get_primitive(last_key, last);
+    if (!status) {
+        size_t pad = (*full)->scratchpad_bytes > (*last)->scratchpad_bytes ? (*full)->scratchpad_bytes
+                                                                            : (*last)->scratchpad_bytes;
+        status = ensure_lanes(n_par, pad);
+    }
+    if (!status) status = ensure_entry_lanes(*full, n_par);
+    if (!status) status = ensure_entry_lanes(*last, n_par);
+    return status;
+}
+
 /* ---------------------------------------------------------------- fp32 compute path */
 
 /* Rows [r0, r1) of W, widened to fp32 into out ([r1 - r0, k]). */
@@ -407,7 +424,6 @@ static int f32_tiled(size_t m, size_t k, const weights_ref *w, size_t n, const g
     size_t n_tiles = (n + target - 1) / target;
     n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
     size_t rows = (n + n_tiles - 1) / n_tiles;
-    if (w->blocks == NULL && rows > n) rows = n;
     n_tiles = (n + rows - 1) / rows;
     size_t last_rows = n - (n_tiles - 1) * rows;
     size_t n_par = threads < n_tiles ? threads : n_tiles;
@@ -419,19 +435,11 @@ static int f32_tiled(size_t m, size_t k, const weights_ref *w, size_t n, const g
     last_key.n = last_rows;
     last_key.ldy = last_rows;
     cache_entry *full = NULL, *last = NULL;
-    int status = get_primitive(&full_key, &full);
-    if (!status) status = get_primitive(&last_key, &last);
-    if (!status) {
-        size_t pad = full->scratchpad_bytes > last->scratchpad_bytes ? full->scratchpad_bytes
-                                                                      : last->scratchpad_bytes;
-        status = ensure_lanes(n_par, pad);
-    }
+    int status = get_tile_primitives(&full_key, &last_key, n_par, &full, &last);
     for (size_t i = 0; i < n_par && !status; i++) {
         status = ensure_floats(&lanes[i].w_tile, &lanes[i].w_tile_elems, rows * k);
         if (!status) status = ensure_floats(&lanes[i].y_tile, &lanes[i].y_tile_elems, m * rows);
     }
-    if (!status) status = ensure_entry_lanes(full, n_par);
-    if (!status) status = ensure_entry_lanes(last, n_par);
     if (status) return status;
 
     int failed = GPTOSS_OK;
@@ -592,16 +600,7 @@ GPTOSS_API int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, con
 
     pthread_mutex_lock(&matmul_lock);
     cache_entry *full = NULL, *last = NULL;
-    int status = get_primitive(&full_key, &full);
-    /* This lookup cannot evict `full`: it was used last and LRU evicts the least recently used entry. */
-    if (!status) status = get_primitive(&last_key, &last);
-    if (!status) {
-        size_t pad = full->scratchpad_bytes > last->scratchpad_bytes ? full->scratchpad_bytes
-                                                                      : last->scratchpad_bytes;
-        status = ensure_lanes(n_par, pad);
-    }
-    if (!status) status = ensure_entry_lanes(full, n_par);
-    if (!status) status = ensure_entry_lanes(last, n_par);
+    int status = get_tile_primitives(&full_key, &last_key, n_par, &full, &last);
     if (status) {
         pthread_mutex_unlock(&matmul_lock);
         return status;
