@@ -6,6 +6,8 @@ the input and what to do. Any other exception is a bug in gptoss and is shown wi
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """Bad input or a bad environment the user can fix: a missing or damaged checkpoint, a budget too small,
@@ -27,3 +29,13 @@ class DataError(UserError, RuntimeError):
 
 class SetupError(UserError, RuntimeError):
     """The machine lacks something the command needs: root, a cgroup controller, an optional package."""
+
+
+# Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether the command line should report `e` as one line (bad input or machine) rather than a bug."""
+    return isinstance(e, (UserError, *USER_OS_ERRORS)) or isinstance(e, OSError) and e.errno in USER_ERRNOS

@@ -7,7 +7,6 @@ stdout carries only generated text (so it can be piped); progress, statistics an
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import traceback
 
@@ -34,17 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Files that are not there, not ours to read or write, or a full disk: the input or the machine, not a bug.
-USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def is_user_error(e: BaseException) -> bool:
-    from gptoss_stream.errors import UserError
-
-    return isinstance(e, (UserError, *USER_OS_ERRORS)) or isinstance(e, OSError) and e.errno in USER_ERRNOS
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:
+        from gptoss_stream.errors import is_user_error
+
         if is_user_error(e):
             print(f"gptoss: error: {e}", file=sys.stderr)
             return 1

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptoss_stream.errors import InputError, SetupError
+from gptoss_stream.errors import InputError, SetupError, is_user_error
 from gptoss_stream.commands import options
 from gptoss_stream.commands.memprof.cgroup import MemoryCgroup, _require_root, drop_page_cache
 from gptoss_stream.commands.memprof.plot import MATPLOTLIB_MISSING, plot_report
@@ -263,7 +263,9 @@ def _child_main(argv: list[str]) -> int:
         args = argparse.Namespace(**json.load(f))
     try:
         _write_outputs(args, profile(args, MemoryCgroup(Path(argv[2]))))
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except Exception as e:
+        if not is_user_error(e):  # a bug: its traceback, as `gptoss` shows it (cli.main)
+            raise
         print(f"gptoss: error: {e}", file=sys.stderr)
         return 1
     return 0
