@@ -9,11 +9,12 @@ same model; `ModelConfig` is the single in-memory form and can write either file
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gptoss_stream.weights.jsonio import MAX_CONFIG_BYTES, read_json_file
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -43,6 +44,18 @@ _INT_FIELDS = (
     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window",
     "initial_context_length",
 )
+# Upper bounds on the integer fields, checked before anything is built from them (a damaged config.json
+# saying 2**40 layers must fail at once, not build a tuple of 2**40 layer types). Generous: gpt-oss-120b has
+# 36 layers of 128 experts, 2880 wide, a vocab of 201088, a 4096-token initial context.
+MAX_INT_FIELDS: dict[str, int] = {
+    "num_hidden_layers": 1024, "num_experts": 4096, "experts_per_token": 64, "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "head_dim": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "sliding_window": 1 << 20, "initial_context_length": 1 << 20,
+}
+# Layers x experts: the records a repacked checkpoint lists, the views an expert store may build.
+MAX_EXPERTS_TOTAL = 1 << 16
+MAX_ROPE_SCALING_FACTOR = 1024.0
+
 _FLOAT_FIELDS = (
     "swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta", "rms_norm_eps",
 )
@@ -109,13 +122,19 @@ class ModelConfig:
         for name in _INT_FIELDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"config: {name} must be an integer, got {v!r}")
+                raise ValueError(f"config: {name} must be an integer, got {v!r:.80}")
             if v <= 0:
                 raise ValueError(f"config: {name} must be positive, got {v}")
+            if v > MAX_INT_FIELDS[name]:
+                raise ValueError(f"config: {name} is {v}, more than gptoss supports ({MAX_INT_FIELDS[name]}; "
+                                 f"a damaged config.json?)")
+        if self.num_hidden_layers * self.num_experts > MAX_EXPERTS_TOTAL:
+            raise ValueError(f"config: {self.num_hidden_layers} layers of {self.num_experts} experts is more than "
+                             f"gptoss supports ({MAX_EXPERTS_TOTAL} experts in all)")
         for name in _FLOAT_FIELDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"config: {name} must be a finite number, got {v!r}")
+                raise ValueError(f"config: {name} must be a finite number, got {v!r:.80}")
             if v <= 0:
                 raise ValueError(f"config: {name} must be positive, got {v}")
         if self.hidden_size % MXFP4_BLOCK:
@@ -135,20 +154,22 @@ class ModelConfig:
             raise ValueError(
                 f"config: experts_per_token {self.experts_per_token} exceeds num_experts {self.num_experts}"
             )
-        if self.rope_scaling_factor < 1:
-            raise ValueError(f"config: rope_scaling_factor {self.rope_scaling_factor} must be >= 1")
+        if not 1 <= self.rope_scaling_factor <= MAX_ROPE_SCALING_FACTOR:
+            raise ValueError(f"config: rope_scaling_factor {self.rope_scaling_factor} must be between 1 and "
+                             f"{MAX_ROPE_SCALING_FACTOR:g}")
         if self.rope_ntk_beta <= self.rope_ntk_alpha:
             # YaRN's ramp divides by (high - low), which is zero or negative unless beta > alpha.
             raise ValueError(
                 f"config: rope_ntk_beta {self.rope_ntk_beta} must be greater than rope_ntk_alpha {self.rope_ntk_alpha}"
             )
         if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_hidden_layers:
+            count = len(self.layer_types) if isinstance(self.layer_types, (tuple, list)) else self.layer_types
             raise ValueError(
-                f"config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
+                f"config: layer_types has {count!r:.80} entries for {self.num_hidden_layers} layers"
             )
         for i, t in enumerate(self.layer_types):
-            if t not in (SLIDING, FULL):
-                raise ValueError(f"config: layer_types[{i}] = {t!r}; expected {SLIDING!r} or {FULL!r}")
+            if not isinstance(t, str) or t not in (SLIDING, FULL):
+                raise ValueError(f"config: layer_types[{i}] = {t!r:.80}; expected {SLIDING!r} or {FULL!r}")
         return self
 
     # ---------------------------------------------------------------- original/config.json
@@ -161,8 +182,7 @@ class ModelConfig:
             raise ValueError(f"config: original config.json lacks {', '.join(missing)}")
         values = {k: d[k] for k in ORIGINAL_KEYS}
         values = _coerce(values)
-        layers = values["num_hidden_layers"]
-        return cls(**values, layer_types=default_layer_types(layers if isinstance(layers, int) else 0)).validate()
+        return cls(**values, layer_types=_default_types(values["num_hidden_layers"])).validate()
 
     def to_original_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -180,13 +200,13 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "gpt_oss") != "gpt_oss":
-            raise ValueError(f"config: model_type is {d.get('model_type')!r}, expected 'gpt_oss'")
+            raise ValueError(f"config: model_type is {d.get('model_type')!r:.80}, expected 'gpt_oss'")
         # transformers >= 5 saves `rope_parameters` (with rope_theta inside); the published files use `rope_scaling`.
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
-            raise ValueError(f"config: rope_scaling must be an object, got {rope!r}")
+            raise ValueError(f"config: rope_scaling must be an object, got {rope!r:.80}")
         if rope.get("rope_type", rope.get("type", "yarn")) != "yarn":
-            raise ValueError(f"config: rope_type {rope.get('rope_type')!r} is not supported (gpt-oss uses 'yarn')")
+            raise ValueError(f"config: rope_type {rope.get('rope_type')!r:.80} is not supported (gpt-oss uses 'yarn')")
 
         def need(key: str, *alternatives: Any) -> Any:
             for v in (d.get(key), *alternatives):
@@ -220,9 +240,9 @@ class ModelConfig:
         values = _coerce(values)
         types = d.get("layer_types")
         if types is None:
-            types = default_layer_types(layers if isinstance(layers, int) else 0)
+            types = _default_types(values["num_hidden_layers"])
         elif not isinstance(types, list):
-            raise ValueError(f"config: layer_types must be a list, got {types!r}")
+            raise ValueError(f"config: layer_types must be a list, got {types!r:.80}")
         return cls(**values, layer_types=tuple(types)).validate()
 
     def to_hf_json(self) -> dict[str, Any]:
@@ -285,8 +305,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"config: unknown field(s) {', '.join(sorted(unknown))}")
         if "num_hidden_layers" in changes and "layer_types" not in changes:
-            changes["layer_types"] = default_layer_types(changes["num_hidden_layers"])
+            changes["layer_types"] = _default_types(changes["num_hidden_layers"])
         return dataclasses.replace(self, **changes).validate()
+
+
+def _default_types(layers: Any) -> tuple[str, ...]:
+    """default_layer_types for a layer count straight from a file: none for a count validate() will refuse."""
+    ok = isinstance(layers, int) and not isinstance(layers, bool) and 0 < layers <= MAX_INT_FIELDS["num_hidden_layers"]
+    return default_layer_types(layers) if ok else ()
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
@@ -335,10 +361,7 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config.json not found")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    d = read_json_file(path, MAX_CONFIG_BYTES, "config.json")
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d

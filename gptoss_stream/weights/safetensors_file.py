@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gptoss_stream.weights.jsonio import parse_json
+
 # safetensors dtype name -> numpy dtype used for views (little-endian, as the format requires).
 # bf16 and the fp8 flavours have no numpy type: they are exposed as same-width unsigned ints.
 DTYPES: dict[str, np.dtype] = {
@@ -51,7 +53,12 @@ DTYPE_WRITE_RANK: dict[str, int] = {
     )
 }
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation refuses larger headers
+# The safetensors reference implementation refuses headers over 100 MB; gpt-oss headers are < 100 KB, and a
+# hostile 100 MB header parses into ~1 GB of Python objects, so we stop at 16 MiB (~200 MB parsed).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Real tensors have at most 4 dimensions; a bound keeps the byte count of a shape a small integer, however
+# many dimensions a damaged header lists (each up to 4300 digits, what json accepts).
+MAX_RANK = 16
 HEADER_ALIGN = 8  # the writer pads the JSON with spaces so the data region starts 8-byte aligned
 
 
@@ -75,12 +82,15 @@ def _nbytes(dtype: str, shape: Iterable[int]) -> int:
     return n
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: a damaged header can hold megabytes where a shape should be."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a header's JSON bytes against the file size; returns (tensors, metadata)."""
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed safetensors header: {e}") from None
+    header = parse_json(raw, f"{path}: malformed safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{path}: malformed safetensors header: expected a JSON object")
     data_start = 8 + len(raw)
@@ -91,27 +101,28 @@ def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, Tenso
 
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {_short(name)}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise ValueError(f"{where}: unknown or unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"{where}: unknown or unsupported dtype {_short(dtype)}")
+        if (not isinstance(shape, list) or len(shape) > MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"{where}: shape must be a list of at most {MAX_RANK} non-negative integers, "
+                             f"got {_short(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ValueError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
+            raise ValueError(f"{where}: data_offsets must be [begin, end], got {_short(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise ValueError(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
+            raise ValueError(f"{where}: data_offsets {_short(offsets)} are not 0 <= begin <= end")
         want = _nbytes(dtype, shape)
         if end - begin != want:
-            raise ValueError(f"{where}: data_offsets {offsets} span {end - begin} bytes, "
-                             f"but {dtype} {shape} needs {want}")
+            raise ValueError(f"{where}: data_offsets {_short(offsets)} span {_short(end - begin)} bytes, "
+                             f"but {dtype} {_short(shape)} needs {_short(want)}")
         if end > data_size:
-            raise ValueError(f"{where}: data_offsets {offsets} run past the end of the file "
+            raise ValueError(f"{where}: data_offsets {_short(offsets)} run past the end of the file "
                              f"(data region is {max(data_size, 0)} bytes; file truncated?)")
         tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, want)
 
@@ -119,7 +130,7 @@ def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, Tenso
     spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: (t.offset, t.end))
     for prev, cur in zip(spans, spans[1:]):
         if cur.offset < prev.end:
-            raise ValueError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap "
+            raise ValueError(f"{path}: tensors {_short(prev.name)} and {_short(cur.name)} overlap "
                              f"(bytes {prev.offset}..{prev.end} and {cur.offset}..{cur.end})")
     return tensors, metadata
 

@@ -20,7 +20,6 @@ modeling_gpt_oss.py and integrations/mxfp4.py, proven by tests/test_hf_mapping.p
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_stream.weights.config import ModelConfig, config_flavour, load_config, read_config_json
+from gptoss_stream.weights.jsonio import MAX_INDEX_BYTES, is_plain_file_name, read_json_file
 from gptoss_stream.weights.layouts.base import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
 from gptoss_stream.weights.safetensors_file import SafetensorsFile
 
@@ -158,16 +158,13 @@ def _hf_shard_names(d: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index (or the single model.safetensors)."""
     index = d / HF_INDEX
     if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{index}: not valid JSON ({e})") from None
+        data = read_json_file(index, MAX_INDEX_BYTES, HF_INDEX)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: expected {{'weight_map': {{tensor: file}}}}")
         for fname in set(weight_map.values()):
-            if Path(fname).name != fname:
-                raise ValueError(f"{index}: shard name {fname!r} must be a plain file name")
+            if not is_plain_file_name(fname):
+                raise ValueError(f"{index}: shard name {fname!r:.80} must be a plain file name")
         return weight_map
     if (d / HF_SINGLE).is_file():
         return {}  # resolved from the single file's header

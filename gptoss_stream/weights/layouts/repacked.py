@@ -18,7 +18,6 @@ request.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gptoss_stream.weights.config import ModelConfig
+from gptoss_stream.weights.jsonio import MAX_MANIFEST_BYTES, is_plain_file_name, read_json_file
 from gptoss_stream.weights.layouts.base import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
 from gptoss_stream.weights.safetensors_file import SafetensorsFile, TensorInfo, tensor_nbytes
 
@@ -149,14 +149,11 @@ def is_repacked(path: str | os.PathLike) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    m = read_json_file(path, MAX_MANIFEST_BYTES, "repack manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a gptoss repack manifest (\"format\" is not {FORMAT_NAME!r})")
     if m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: repack format version {m.get('version')!r}; this gptoss reads version "
+        raise ValueError(f"{path}: repack format version {m.get('version')!r:.80}; this gptoss reads version "
                          f"{FORMAT_VERSION} (re-run `gptoss repack` with this version)")
     for key, kind in (("config", dict), ("align", int), ("expert_record", dict), ("shards", list),
                       ("dense", list), ("experts", list)):
@@ -168,7 +165,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def _int(entry: dict, key: str, where: str) -> int:
     v = entry.get(key) if isinstance(entry, dict) else None
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{where}: \"{key}\" must be a non-negative integer, got {v!r}")
+        raise ValueError(f"{where}: \"{key}\" must be a non-negative integer, got {v!r:.80}")
     return v
 
 
@@ -230,8 +227,8 @@ class RepackedCheckpoint(NamedWeights):
         tensors: dict[str, _Where] = {}
         for i, entry in enumerate(m["shards"]):
             name = entry.get("file") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or Path(name).name != name:
-                raise ValueError(f"{mpath}: shard {i} \"file\" must be a plain file name, got {name!r}")
+            if not is_plain_file_name(name):
+                raise ValueError(f"{mpath}: shard {i} \"file\" must be a plain file name, got {name!r:.80}")
             size = _int(entry, "size", f"{mpath}: shard {name}")
             shard = d / name
             if not shard.is_file():
