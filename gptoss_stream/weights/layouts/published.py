@@ -132,7 +132,13 @@ def locate(path: str | os.PathLike, format: str | None = None) -> tuple[str, Pat
 
     def flavour(d: Path) -> str | None:
         cfg = d / "config.json"
-        return config_flavour(read_config_json(cfg)) if cfg.is_file() else None
+        if not cfg.is_file():
+            return None
+        content = read_config_json(cfg)
+        try:
+            return config_flavour(content)
+        except ValueError as e:
+            raise ValueError(f"{cfg}: {e}") from None
 
     here = flavour(p)
     sub_original = p / ORIGINAL if (p / ORIGINAL / "config.json").is_file() else None
