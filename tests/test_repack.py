@@ -364,6 +364,38 @@ def test_rerun_after_completion_does_nothing_and_verifies(micro_checkpoint, micr
         rp.repack(micro_checkpoint / "original", dst, shard_size=MICRO_SHARD, progress=False)
 
 
+def test_resume_checks_the_source_by_content(micro_checkpoint, micro_ref, tmp_path):
+    """A source rewritten with the same size and mtime is not resumed from; one merely touched is."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(micro_checkpoint / "original", src)
+    sizes = [s["size"] for s in manifest(micro_ref)["shards"]]
+    weights = src / "model.safetensors"
+    with Checkpoint.open(src) as ck:
+        embedding = ck.tensor_range("embedding.weight")  # the first record: in shard 0
+    for touched_only in (True, False):
+        r = kill_9_after(sizes[0] + sizes[1] + 1, str(src), str(dst), "--shard-size", str(MICRO_SHARD))
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        before = weights.stat()
+        if touched_only:
+            os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+            result = rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
+            assert result.status == "resumed" and result.bytes_written == sum(sizes[2:])
+            shards = {k: v for k, v in digest(dst).items() if k != MANIFEST}  # (it names another source folder)
+            assert shards == {k: v for k, v in digest(micro_ref).items() if k != MANIFEST}
+            shutil.rmtree(dst)
+            continue
+        _flip(weights, embedding.offset + 100)
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = weights.stat()
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        with pytest.raises(RuntimeError, match=rf"{weights}: changed since the interrupted repack began: record "
+                                               rf"embedding, already copied into repacked-00001-.*--force"):
+            rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
+        assert not (dst / MANIFEST).exists()
+        assert rp.repack(src, dst, shard_size=MICRO_SHARD, force=True, progress=False).status == "written"
+        rp.verify_repack(dst, src, progress=False)
+
+
 def test_resume_with_other_options_is_refused(micro_checkpoint, tmp_path):
     src, dst = micro_checkpoint / "original", tmp_path / "out"
     r = kill_9_after(5000, str(src), str(dst), "--shard-size", str(MICRO_SHARD))

@@ -11,7 +11,8 @@ on 2 cores a worker thread hashes and writes one buffer while the main thread re
 Crash safety. The manifest of the run in progress (gptoss-repack.json.partial) is written before any
 shard, and a shard is written as NAME.partial, fsynced, its hashes recorded in that manifest (atomic
 replace), then renamed to NAME. So at any moment every file named NAME is complete and its hashes are known;
-re-running the same command checks that the plan matches, keeps those shards, rewrites the rest, and
+re-running the same command checks that the plan matches and, by content (the records' sha256), that the
+source still holds what the finished shards were made from, keeps those shards, rewrites the rest, and
 finally renames the partial manifest to gptoss-repack.json: the only step that makes the output look
 complete. An interrupted run and an uninterrupted one end with identical files.
 """
@@ -147,11 +148,10 @@ def check_options(shard_size: int, align: int) -> None:
 # ---------------------------------------------------------------------------- the manifest
 
 def source_identity(ckpt) -> dict[str, Any]:
-    """What the output was made from: resuming against a changed source would mix two models."""
-    files = []
-    for p in sorted(ckpt.files()):
-        st = os.stat(p)
-        files.append({"name": os.path.basename(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    """What the output was made from, as far as the plan goes: folder, format, file names and sizes. Not the
+    mtimes: a resume checks the source by content instead (check_copied_source), which catches a file
+    rewritten with the same size and mtime and accepts one merely touched or copied."""
+    files = [{"name": os.path.basename(p), "size": os.stat(p).st_size} for p in sorted(ckpt.files())]
     return {"format": ckpt.format, "path": str(Path(ckpt.path).resolve()), "files": files}
 
 
@@ -415,6 +415,31 @@ class _ShardWriter:
         self.pool.shutdown(wait=True)
 
 
+def check_copied_source(src, files: _Files, shard: ShardPlan, manifest: dict[str, Any], bar: ProgressBar) -> None:
+    """Before a resume keeps a finished shard: the source must still hold what was copied into it. Each
+    record's sha256 (its source bytes plus zero padding, recorded when the shard was written) is recomputed
+    from the source as it is now; DataError naming the source file(s) and the record if one differs."""
+    buf = memoryview(bytearray(CHUNK))
+    for placed in shard.records:
+        sha = hashlib.sha256()
+        sources = source_ranges(src, placed.record)
+        for ranges in sources:
+            for r in ranges:
+                done = 0
+                while done < r.nbytes:
+                    n = min(CHUNK, r.nbytes - done)
+                    files.read_into(r.path, r.offset + done, buf[:n])
+                    sha.update(buf[:n])
+                    bar.update(n)
+                    done += n
+        sha.update(bytes(placed.length - placed.record.nbytes))
+        if sha.hexdigest() != record_entry(manifest, placed.record).get("sha256"):
+            paths = ", ".join(sorted({r.path for ranges in sources for r in ranges}))
+            raise DataError(f"{paths}: changed since the interrupted repack began: record {placed.record.name}, "
+                            f"already copied into {shard.file}, now has other content; re-run with --force to "
+                            f"start over")
+
+
 def _prefetch(files: _Files, sources: list[list[TensorRange]]) -> None:
     """Start reading the next record's source (the first CHUNK of each range; readahead does the rest)."""
     for ranges in sources:
@@ -593,6 +618,12 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
     try:
         if status == "fresh":
             _write_atomic(partial_manifest, _manifest_text(manifest))
+        kept = [i for i in range(len(shards)) if i not in todo]
+        if kept:
+            kept_bytes = sum(p.record.nbytes for i in kept for p in shards[i].records)
+            with ProgressBar(kept_bytes, "check source", enabled=progress) as bar:
+                for i in kept:
+                    check_copied_source(ckpt, files, shards[i], manifest, bar)
         with ProgressBar(need, "repack", enabled=progress) as bar:
             for i in todo:
                 s = shards[i]
