@@ -275,6 +275,19 @@ int gptoss_expert_mlp(const gptoss_bf16 *t, size_t m, size_t hidden, size_t inte
  */
 int gptoss_mincore(const void *addr, size_t length, uint8_t *vec);
 
+/* ---------------------------------------------------------------- sigbus.c */
+
+/*
+ * Guard a file mapping [base, base + length) of `path`: a SIGBUS inside it (the file was truncated under the
+ * mapping) prints "gptoss: error: PATH: reading byte N of the mapped file failed (SIGBUS) ..." on stderr and
+ * ends the process with status 1, instead of "Bus error (core dumped)". The handler is installed on the first
+ * call; a SIGBUS outside every guarded range goes to the handler that was there before. Up to 1024 guards
+ * (GPTOSS_ERR_NO_MEMORY beyond); *slot receives the guard's number for gptoss_unguard_mapping, which must be
+ * called before the mapping goes away.
+ */
+int gptoss_guard_mapping(const void *base, size_t length, const char *path, int *slot);
+int gptoss_unguard_mapping(int slot);
+
 /* ---------------------------------------------------------------- membench.c */
 
 /*

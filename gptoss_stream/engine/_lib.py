@@ -132,6 +132,8 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_expert_mlp": ([_p, _sz, _sz, _sz, _p, _p, _sz, ctypes.c_int32, _p, _p, _p, _p, _p, _p, _f, _f, _p, _p,
                            _sz, _p, _sz], _i),
     "gptoss_mincore": ([_p, _sz, _p], _i),
+    "gptoss_guard_mapping": ([_p, _sz, ctypes.c_char_p, _p], _i),
+    "gptoss_unguard_mapping": ([_i], _i),
     "gptoss_read_bandwidth": ([_p, _sz, _i, _p], _i),
 }
 

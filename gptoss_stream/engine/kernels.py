@@ -8,6 +8,7 @@ bf16 arrays are np.uint16 holding raw bfloat16 bits. Each wrapper checks dtypes,
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 
@@ -493,6 +494,26 @@ def mincore(address: int, length: int, out: np.ndarray | None = None) -> np.ndar
     out = _out(out, (n_pages,), np.uint8)
     _lib.call("gptoss_mincore", address, length, _ptr(out))
     return out
+
+
+GPTOSS_ERR_NO_MEMORY = 4  # gptoss.h
+
+
+def guard_mapping(address: int, length: int, path: str) -> int | None:
+    """Turn a SIGBUS inside this file mapping into a one-line error naming `path` and exit status 1 (sigbus.c);
+    returns the guard's slot for unguard_mapping (call it before the mapping is closed), or None when all
+    1024 slots are taken (the mapping then stays unguarded: a SIGBUS in it is the plain crash)."""
+    slot = np.zeros(1, dtype=np.int32)
+    status = _lib.lib.gptoss_guard_mapping(address, length, os.fsencode(path), _ptr(slot))
+    if status == GPTOSS_ERR_NO_MEMORY:
+        return None
+    if status != _lib.GPTOSS_OK:
+        raise _lib.KernelError("gptoss_guard_mapping", status, _lib.status_string(status), path)
+    return int(slot[0])
+
+
+def unguard_mapping(slot: int) -> None:
+    _lib.call("gptoss_unguard_mapping", slot)
 
 
 # ---------------------------------------------------------------- benchmarks

@@ -10,6 +10,7 @@ All activations are bf16 bits in np.uint16 arrays, as in the reference; each ker
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,11 @@ class RunState:
         return sum(a.nbytes for a in self.__dict__.values())
 
 
+def _unguard(slots: list[int]) -> None:
+    for slot in slots:
+        kernels.unguard_mapping(slot)
+
+
 class Model:
     """gpt-oss over a Checkpoint. `forward` runs tokens through every layer, appending to a KVCache.
 
@@ -88,6 +94,10 @@ class Model:
         )
         self.attn_scale = 1.0 / math.sqrt(config.head_dim)
         self.state = RunState.allocate(config, max_chunk)
+        # A file truncated during a forward pass (after check_unchanged) faults in whichever kernel touches it:
+        # the guard makes that SIGBUS a one-line error naming the file instead of a bare crash.
+        guards = [kernels.guard_mapping(address, length, path) for path, address, length in checkpoint.mappings()]
+        self._unguard = weakref.finalize(self, _unguard, [slot for slot in guards if slot is not None])
 
     def close(self) -> None:
         """Close the expert store, then the checkpoint (the model owns both from construction on;
@@ -95,6 +105,7 @@ class Model:
         close = getattr(self.experts, "close", None)
         if close is not None:
             close()
+        self._unguard()  # (once: a finalizer runs at most one time, here or when the model is collected)
         self.checkpoint.close()
 
     def __enter__(self) -> "Model":
@@ -116,6 +127,9 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
         cache.check_room(tokens.size)
+        # A checkpoint file shrunk under us would SIGBUS at the next access to its mapping: stop here instead,
+        # naming the file (a change during this pass is not caught: README, Reliability).
+        self.checkpoint.check_unchanged()
         outputs = []
         for begin in range(0, tokens.size, self.max_chunk):
             chunk = tokens[begin:begin + self.max_chunk]

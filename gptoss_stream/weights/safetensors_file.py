@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gptoss_stream.errors import CheckpointError
 from gptoss_stream.weights.jsonio import parse_json
 
 # safetensors dtype name -> numpy dtype used for views (little-endian, as the format requires).
@@ -60,6 +61,14 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 # many dimensions a damaged header lists (each up to 4300 digits, what json accepts).
 MAX_RANK = 16
 HEADER_ALIGN = 8  # the writer pads the JSON with spaces so the data region starts 8-byte aligned
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,10 @@ class SafetensorsFile:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: safetensors file not found") from None
         with f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            # What check_unchanged compares with: the file as it was when we read its header and mapped it.
+            self.identity = FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if size < 8:
                 raise ValueError(f"{self.path}: only {size} bytes, too short for a safetensors header (truncated?)")
             (n,) = struct.unpack("<Q", f.read(8))
@@ -194,6 +206,29 @@ class SafetensorsFile:
         if self._mmap is None:
             raise ValueError(f"{self.path}: file is closed")
         return self.base_address + offset
+
+    def check_unchanged(self) -> None:
+        """CheckpointError if the file was deleted, replaced, resized or modified since it was opened.
+
+        A mapped file that shrinks turns the next access past its new end into SIGBUS, which kills the
+        process; one rewritten in place changes the weights under a running model. A stat() is ~2 us: the
+        engine calls this before every forward pass (model.Model.forward)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: deleted while the model was running; restart with an "
+                                  f"unchanging checkpoint") from None
+        was = self.identity
+        if (st.st_dev, st.st_ino) != (was.dev, was.ino):
+            what = "replaced by another file"
+        elif st.st_size != was.size:
+            what = f"resized from {was.size} to {st.st_size} bytes"
+        elif st.st_mtime_ns != was.mtime_ns:
+            what = "modified"
+        else:
+            return
+        raise CheckpointError(f"{self.path}: {what} while the model was running; the checkpoint's files must not "
+                              f"change under a running gptoss (restart it once they are complete)")
 
     def header_summary(self) -> dict[str, Any]:
         return {name: (t.dtype, t.shape) for name, t in self.tensors.items()}

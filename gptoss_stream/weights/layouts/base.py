@@ -102,7 +102,8 @@ class ExpertWeights:
 class NamedWeights:
     """The checkpoint API every layout shares, built on `tensor(name)` with original-format names.
 
-    A layout class provides `config`, `tensor(key)`, `expert_ranges(layer, e)`, `close()`; it may override
+    A layout class provides `config`, `tensor(key)`, `expert_ranges(layer, e)`, `close()`, `check_unchanged()`;
+    it may override
     `_fused_qkv(prefix)` when q, k, v are not one tensor.
     """
 
@@ -115,6 +116,15 @@ class NamedWeights:
         raise NotImplementedError
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    def check_unchanged(self) -> None:
+        """CheckpointError naming the file if one of the checkpoint's files was deleted, replaced, resized or
+        modified since it was opened (SafetensorsFile.check_unchanged)."""
+        raise NotImplementedError
+
+    def mappings(self) -> list[tuple[str, int, int]]:
+        """(path, address, length) of every mapped file, for the engine's SIGBUS guard (kernels.guard_mapping)."""
         raise NotImplementedError
 
     def _fused_qkv(self, prefix: str) -> bool:

@@ -333,6 +333,13 @@ class PublishedCheckpoint(NamedWeights):
         """Total size of the shard files."""
         return sum(f.size for f in self._files.values())
 
+    def check_unchanged(self) -> None:
+        for f in self._files.values():
+            f.check_unchanged()
+
+    def mappings(self) -> list[tuple[str, int, int]]:
+        return [(f.path, f.base_address, f.size) for f in self._files.values()]
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         for f in self._files.values():

@@ -353,6 +353,13 @@ class RepackedCheckpoint(NamedWeights):
         """Total size of the shard files."""
         return sum(f.size for f in self._files)
 
+    def check_unchanged(self) -> None:
+        for f in self._files:
+            f.check_unchanged()
+
+    def mappings(self) -> list[tuple[str, int, int]]:
+        return [(f.path, f.base_address, f.size) for f in self._files]
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         for f in self._files:
