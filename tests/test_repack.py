@@ -487,6 +487,31 @@ def test_disk_full_is_a_clear_error_and_resumes(micro_checkpoint, micro_ref, tmp
     assert digest(dst) == digest(micro_ref)
 
 
+def test_disk_full_while_writing_the_manifest(micro_checkpoint, micro_ref, tmp_path, monkeypatch):
+    """ENOSPC surfacing at fsync of the manifest update after the second shard: a clear error, the shard that
+    was to be recorded and the temporary manifest are gone, and the same command resumes."""
+    src, dst = micro_checkpoint / "original", tmp_path / "out"
+    real = os.fsync
+    manifests = []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(MANIFEST_PARTIAL + rp.TMP_SUFFIX):
+            manifests.append(fd)
+            if len(manifests) == 3:  # the plan, shard 1 recorded, then shard 2
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(RuntimeError, match=r"disk full .*re-run the same command to resume"):
+        rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in dst.iterdir()) == [MANIFEST_PARTIAL, manifest(micro_ref)["shards"][0]["file"]]
+    with pytest.raises(ValueError, match="incomplete repack"):
+        Checkpoint.open(dst)
+    assert rp.repack(src, dst, shard_size=MICRO_SHARD, progress=False).status == "resumed"
+    assert digest(dst) == digest(micro_ref)
+
+
 def test_not_enough_space_is_refused_before_writing(micro_checkpoint, tmp_path, monkeypatch):
     class Full:
         f_bavail, f_frsize = 1, 4096

@@ -216,10 +216,14 @@ def _fsync_dir(d: Path) -> None:
 def _write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a reader (or a crash) sees either the old or the new content."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk that filled up: give the space back, leave no half-written file
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
