@@ -279,9 +279,9 @@ int gptoss_mincore(const void *addr, size_t length, uint8_t *vec);
 
 /*
  * Guard a file mapping [base, base + length) of `path`: a SIGBUS inside it (the file was truncated under the
- * mapping) prints "gptoss: error: PATH: reading byte N of the mapped file failed (SIGBUS) ..." on stderr and
- * ends the process with status 1, instead of "Bus error (core dumped)". The handler is installed on the first
- * call; a SIGBUS outside every guarded range goes to the handler that was there before. Up to 1024 guards
+ * mapping, or a page of it could not be read from disk) prints "gptoss: error: PATH: reading byte N of the
+ * mapped file failed (SIGBUS) ..." on stderr and ends the process with status 1, instead of "Bus error (core
+ * dumped)". The handler is installed on the first call; a SIGBUS outside every guarded range goes to the handler that was there before. Up to 1024 guards
  * (GPTOSS_ERR_NO_MEMORY beyond); *slot receives the guard's number for gptoss_unguard_mapping, which must be
  * called before the mapping goes away.
  */

@@ -1,5 +1,5 @@
 /* A clear last word instead of "Bus error (core dumped)" when a mapped checkpoint file shrinks under a running
- * process: a SIGBUS whose address lies in a registered file mapping prints the file and the byte that could
+ * process (or the disk fails to page it in, which the kernel also reports as SIGBUS): a SIGBUS whose address lies in a registered file mapping prints the file and the byte that could
  * not be read, and ends the process with status 1. Nothing can continue after it (the fault may be in any
  * kernel, on any OpenMP thread, with locks held), so the handler only writes and _exits: both are
  * async-signal-safe. A SIGBUS elsewhere goes to the handler that was there before (by default: core dump). */
@@ -61,8 +61,8 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
             write_str(guards[i].path);
             write_str(": reading byte ");
             write_u64(addr - guards[i].begin);
-            write_str(" of the mapped file failed (SIGBUS): it was truncated or replaced while gptoss was running;"
-                      " the checkpoint's files must not change under a running model\n");
+            write_str(" of the mapped file failed (SIGBUS): it was truncated while gptoss was running, or the disk"
+                      " could not read it; the checkpoint's files must not change under a running model\n");
             _exit(1);
         }
     }
