@@ -8,7 +8,8 @@ then runs --steps decode steps as generations of --generation-length tokens each
 shorter ones get a new KV cache and a new prompt each, as separate requests would), sampling with temperature
 1 so the routed experts vary. Samples /proc/self (RssAnon, fds, threads) after the first 50 decode steps,
 every --every steps, and at the end, with the KV cache rows written so far (memory a longer context uses by
-design). Passes when RssAnon at the end is within --tolerance (5%) of the sample after 50 steps and the fds
+design) and the memory of the Python objects and numpy arrays allocated since the start and still alive
+(tracemalloc: a leak in our code grows it; growth of RssAnon alone can be glibc's heap, see README). Passes when RssAnon at the end is within --tolerance (5%) of the sample after 50 steps and the fds
 and threads are the same; exits 1 otherwise.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,7 @@ def sample(cache) -> dict[str, int]:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {"rss_anon_kb": int(status["RssAnon"].split()[0]), "rss_file_kb": int(status["RssFile"].split()[0]),
             "fds": len(os.listdir("/proc/self/fd")), "threads": int(status["Threads"]),
-            "kv_kb": kv_rows_kb(cache)}
+            "kv_kb": kv_rows_kb(cache), "traced_kb": tracemalloc.get_traced_memory()[0] // 1024}
 
 
 def kv_rows_kb(cache) -> int:
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         mode = "mmap-only" if model.experts.__class__.__name__ == "MappedExpertStore" else "expert cache"
         print(f"# {args.model}: {mode}, {args.steps} decode steps in generations of {args.generation_length}, "
               f"context {args.context}")
-        print(f"{'step':>6} {'RssAnon MiB':>12} {'KV rows MiB':>12} {'RssFile MiB':>12} {'fds':>5} {'threads':>8} "
-              f"{'ms/step':>8}")
+        print(f"{'step':>6} {'RssAnon MiB':>12} {'KV rows MiB':>12} {'traced MiB':>11} {'RssFile MiB':>12} "
+              f"{'fds':>5} {'threads':>8} {'ms/step':>8}")
+        tracemalloc.start()  # Python objects and numpy arrays allocated from here on, still alive
         step, baseline, started = 0, None, time.perf_counter()
         last = (0, started)
         while step < args.steps:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     ms = (now - last[1]) * 1000 / max(step - last[0], 1)
                     last = (step, now)
                     print(f"{step:>6} {s['rss_anon_kb'] / 1024:>12.1f} {s['kv_kb'] / 1024:>12.2f} "
-                          f"{s['rss_file_kb'] / 1024:>12.1f} "
+                          f"{s['traced_kb'] / 1024:>11.2f} {s['rss_file_kb'] / 1024:>12.1f} "
                           f"{s['fds']:>5} {s['threads']:>8} {ms:>8.2f}", flush=True)
                     if step == 50:
                         baseline = s
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = growth <= args.tolerance and end["fds"] == baseline["fds"] and end["threads"] == baseline["threads"]
     print(f"RssAnon after 50 steps {baseline['rss_anon_kb'] / 1024:.1f} MiB, after {args.steps} "
           f"{end['rss_anon_kb'] / 1024:.1f} MiB ({growth:+.2%}; {other:+.2%} without the KV cache rows written "
-          f"since); fds {baseline['fds']} -> {end['fds']}; threads {baseline['threads']} -> {end['threads']}: "
+          f"since); traced Python/numpy memory {baseline['traced_kb'] / 1024:.2f} -> {end['traced_kb'] / 1024:.2f} "
+          f"MiB; fds {baseline['fds']} -> {end['fds']}; threads {baseline['threads']} -> {end['threads']}: "
           f"{'OK' if ok else 'LEAK?'}")
     return 0 if ok else 1
 
