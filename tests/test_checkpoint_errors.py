@@ -255,3 +255,75 @@ def test_safetensors_file_errors(tmp_path):
         assert st.view("t").tobytes() == b"ab" and st.view("e").shape == (0,)
         with pytest.raises(ValueError, match="'u' not found"):
             st.view("u")
+
+
+# ---------------------------------------------------------------------------- hostile numbers and nesting (issue 15)
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_deeply_nested_header_is_a_clear_error(orig):
+    f = orig / "model.safetensors"
+    _, data = read_file(f)
+    write_file(f, DEEP, data)
+    with pytest.raises(ValueError, match=r"model.safetensors: malformed safetensors header: .*nested too deeply"):
+        Checkpoint.open(orig)
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "num_experts", "vocab_size", "hidden_size", "head_dim",
+                                   "initial_context_length"])
+def test_absurd_config_sizes_fail_at_once(orig, field):
+    import time
+
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg[field] = 2**40
+    (orig / "config.json").write_text(json.dumps(cfg))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"config.json: config: {field} is {2**40}, more than gptoss supports"):
+        Checkpoint.open(orig)
+    assert time.perf_counter() - started < 5  # 2**40 layers used to run without end
+
+
+def test_too_many_experts_in_all(orig):
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg.update(num_hidden_layers=1000, num_experts=4000)
+    (orig / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"1000 layers of 4000 experts is more than gptoss supports"):
+        Checkpoint.open(orig)
+
+
+@pytest.mark.parametrize("content, match", [
+    (DEEP, "nested too deeply"),
+    (b'{"num_experts": 1' + b"0" * 5000 + b"}", r"not valid JSON \(Exceeds the limit"),
+    (b" " * (2 << 20), r"more than a config.json can be \(1048576 bytes at most\)"),
+])
+def test_hostile_config_json(orig, content, match):
+    (orig / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"config.json: .*{match}"):
+        Checkpoint.open(orig)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"weight_map": ' + DEEP + b"}", "nested too deeply"),
+    (json.dumps({"weight_map": {"model.norm.weight": "a\u0000b"}}).encode(), "must be a plain file name"),
+    (json.dumps({"weight_map": {"model.norm.weight": "x" * 300}}).encode(), "must be a plain file name"),
+])
+def test_hostile_hf_index(hf, content, match):
+    (hf / "model.safetensors.index.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: .*{match}"):
+        Checkpoint.open(hf)
+
+
+def test_header_values_are_checked_for_type_and_cut_in_messages(orig):
+    f = orig / "model.safetensors"
+    header, data = read_file(f)
+    header["norm.scale"]["dtype"] = ["BF16"]  # unhashable: used to escape as TypeError
+    write_file(f, header, data)
+    with pytest.raises(ValueError, match=r"'norm.scale': unknown or unsupported dtype \['BF16'\]"):
+        Checkpoint.open(orig)
+    header["norm.scale"]["dtype"] = "BF16"
+    header["norm.scale"]["shape"] = [1] * 10_000
+    write_file(f, header, data)
+    with pytest.raises(ValueError, match=r"'norm.scale': shape must be a list of at most 16") as e:
+        Checkpoint.open(orig)
+    assert len(str(e.value)) < 400
