@@ -211,7 +211,7 @@ class SafetensorsFile:
         """CheckpointError if the file was deleted, replaced, resized or modified since it was opened.
 
         A mapped file that shrinks turns the next access past its new end into SIGBUS, which kills the
-        process; one rewritten in place changes the weights under a running model. A stat() is ~2 us: the
+        process; one rewritten in place changes the weights under a running model. A stat() costs a few us: the
         engine calls this before every forward pass (model.Model.forward)."""
         try:
             st = os.stat(self.path)
