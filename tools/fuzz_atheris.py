@@ -1,5 +1,6 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of the two parsers every checkpoint goes through: the
-safetensors header (weights/safetensors_file.parse_header) and config.json (weights/config.py, both flavours).
+safetensors header (weights/safetensors_file.parse_header) and config.json (weights/config.py, both
+flavours, parsed by weights/jsonio.py as load_config does).
 
     pip install atheris            # not a dependency of gptoss: a wheel for CPython 3.11 on x86-64 Linux
     python tools/fuzz_atheris.py --make-corpus /tmp/fuzz-corpus          # seeds from a micro checkpoint
@@ -59,13 +60,8 @@ def main() -> None:
     import atheris
 
     with atheris.instrument_imports():
-        # (jsonio, which both parsers call, is imported and instrumented with them)
         from gptoss_stream.weights import config as config_mod
-        from gptoss_stream.weights import safetensors_file
-
-    # config.json goes through load_config itself (a file in /dev/shm): what opening a checkpoint runs.
-    tmp = Path(tempfile.mkdtemp(prefix="gptoss-atheris-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    config_file = tmp / "config.json"
+        from gptoss_stream.weights import jsonio, safetensors_file
 
     def one_input(data: bytes) -> None:
         if not data:
@@ -75,8 +71,11 @@ def main() -> None:
             if kind == 0:
                 safetensors_file.parse_header(raw, "fuzz.safetensors", FILE_SIZE)
             else:
-                config_file.write_bytes(raw)
-                config_mod.load_config(config_file)
+                # What load_config runs on a config.json's bytes (less the read: MAX_CONFIG_BYTES bounds it).
+                d = jsonio.parse_json(raw, "config.json")
+                if not isinstance(d, dict):
+                    return  # read_config_json's "expected a JSON object"
+                config_mod.config_from_json(d, "config.json")
         except ValueError:
             pass  # a clean refusal; anything else propagates and atheris reports it with the input
 

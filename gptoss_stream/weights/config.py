@@ -371,13 +371,17 @@ def load_config(path: str | Path) -> ModelConfig:
     """Read a directory's config.json (or the file itself), original or HF flavour, validated."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
-    d = read_config_json(file)
+    return config_from_json(read_config_json(file), str(file))
+
+
+def config_from_json(d: dict[str, Any], where: str) -> ModelConfig:
+    """The validated ModelConfig of a parsed config.json of either flavour; ValueError prefixed with `where`."""
     try:
         if config_flavour(d) == "hf":
             return ModelConfig.from_hf_json(d)
         return ModelConfig.from_original_json(d)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{file}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
 
 
 def layer_capacity(config: ModelConfig, layer: int, context_length: int, max_chunk: int) -> int:
