@@ -103,6 +103,7 @@ def _pin_mmap_threshold() -> None:
 lib = _load()
 _pin_mmap_threshold()
 
+
 class AttentionWeights(ctypes.Structure):
     """struct gptoss_attention_weights: pointers (ints, None for absent) into the mapped checkpoint."""
 
