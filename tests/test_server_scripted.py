@@ -1,11 +1,11 @@
 """The server on a known token stream: the official `openai` client against the real app, worker, prompt cache
 and harmony code, with only the model swapped for a scripted one (server_support.ScriptedModel): reasoning
-content, a tool call round trip, stop sequences, FIFO order, 429, a disconnect, an engine failure."""
+content, a tool call round trip, stop sequences, 429, a disconnect, an engine failure (FIFO order under 16
+clients: test_server_api.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 
@@ -196,32 +196,6 @@ def test_engine_failure_is_a_500_and_the_server_keeps_serving(served, client):
     assert r.usage.prompt_tokens_details.cached_tokens == 0  # the failure emptied the prompt cache
 
 
-def test_concurrent_clients_are_served_in_arrival_order():
-    model = ScriptedModel(delay=0.002)
-    model.script([])  # filler tokens only
-    with InProcessServer(model) as server:
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
-        errors, done = [], []
-
-        def user(k: int) -> None:
-            try:
-                for i in range(4):
-                    r = client.chat.completions.create(
-                        model="scripted", max_tokens=3, messages=[{"role": "user", "content": f"user {k} turn {i}"}])
-                    done.append(r.id)
-            except Exception as e:  # reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=user, args=(k,)) for k in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors and len(done) == 64
-    started = [int(m.group(1)) for m in map(re.compile(r"#(\d+) start:").search, server.log) if m]
-    assert started == list(range(1, 65))  # the engine took the jobs in the order they arrived
-
-
 def test_full_queue_answers_429_with_retry_after():
     model = ScriptedModel(delay=0.05)
     model.script([])
@@ -280,3 +254,21 @@ def test_disconnect_mid_stream_frees_the_engine_within_one_token():
         model.script(ids(THINK_THEN_ANSWER))
         r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}])
         assert r.choices[0].message.content == "Hello there!"
+
+
+def test_disconnect_during_a_non_streaming_request_cancels_it():
+    import httpx
+
+    token_seconds = 0.05
+    model = ScriptedModel(delay=token_seconds)
+    model.script([])
+    with InProcessServer(model) as server:
+        body = {"model": "scripted", "max_tokens": 400, "messages": [{"role": "user", "content": "long"}]}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(server.base_url + "/chat/completions", json=body, timeout=0.5)
+        gave_up = time.perf_counter()
+        while server.worker.busy:
+            assert time.perf_counter() - gave_up < 40 * token_seconds, "the engine kept generating"
+            time.sleep(0.005)
+        assert len(model.calls) < 100
+        assert any("cancelled" in line for line in server.log)

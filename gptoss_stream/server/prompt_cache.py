@@ -60,7 +60,10 @@ class PromptCache:
         if saved > live:
             self._restore()
         reused = max(live, saved)
-        self.cache.truncate(reused) if reused else self.cache.reset()
+        if reused:
+            self.cache.truncate(reused)
+        else:
+            self.cache.reset()
         del self.tokens[reused:]
         if self._snapshot is not None and self._snapshot.length > reused:
             self._snapshot = None  # the positions it was taken after are about to be rewritten
