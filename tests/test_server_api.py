@@ -211,3 +211,21 @@ def test_no_memory_growth_over_200_requests(server, client):
     requests(190, 10)
     after_200 = server.rss_anon_kib()
     assert after_200 <= after_10 * 1.05, f"RssAnon grew from {after_10} KiB to {after_200} KiB"
+
+
+def test_serve_refuses_a_taken_port_and_a_bad_queue_limit(tiny_original):
+    import socket
+    import subprocess
+    import sys
+
+    from server_support import ROOT
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in ((["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                              (["--max-queue", "0"], "--max-queue must be >= 1")):
+            r = subprocess.run([sys.executable, "-m", "gptoss_stream.commands.cli", "serve", "-m", str(tiny_original),
+                                *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+            assert r.returncode == 1 and r.stderr.startswith("gptoss: error: ") and message in r.stderr, r.stderr

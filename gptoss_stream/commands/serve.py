@@ -12,6 +12,8 @@ from pathlib import Path
 from gptoss_stream.commands.options import add_model_arguments, open_model
 from gptoss_stream.errors import InputError, SetupError
 
+SHUTDOWN_GRACE_SECONDS = 5
+
 
 def default_model_name(model_dir: str) -> str:
     """The checkpoint folder's name (its parent's for an `original/` folder), as clients will ask for it."""
@@ -61,7 +63,10 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"[serve] model {name!r} loaded in {time.perf_counter() - started:.1f} s; listening on "
                   f"http://{host}:{port}/v1 (context {args.context}, queue limit {args.max_queue}"
                   f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+            # On Ctrl-C or SIGTERM, requests still generating get a few seconds, then are cancelled (their
+            # jobs stop at the next token), so shutting down never waits for a long reply.
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                   timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
             server.run(sockets=[sock])
         finally:
             worker.stop()
