@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -106,24 +107,32 @@ def main() -> int:
     import openai
     from server_support import ServeProcess
 
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server subprocess is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
     prompt = text_of_tokens(args.prompt_tokens)
     load = os.getloadavg()[0]
     print(f"[bench] load average {load:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
     print("[bench] gptoss generate ...", file=sys.stderr)
     generate = run_generate(args, prompt)
+    print(f"[bench] generate: {generate}", file=sys.stderr, flush=True)
 
     print("[bench] gptoss serve ...", file=sys.stderr)
     server = ServeProcess("-m", args.model, "--context", str(args.context), "--model-name", "bench")
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=3600)
         api = api_completion(client, "bench", prompt, args.decode_tokens)
+        print(f"[bench] API: {api}", file=sys.stderr, flush=True)
         document = text_of_tokens(args.document_tokens, seed=3)
         messages = [{"role": "system", "content": "Answer questions about this document.\n\n" + document},
                     {"role": "user", "content": "What animal jumps?"}]
         turn1_s, turn1 = timed_chat(client, "bench", messages, 16)
+        print(f"[bench] turn 1: {turn1_s:.2f} s, {turn1.usage.prompt_tokens} prompt tokens", file=sys.stderr,
+              flush=True)
         messages += [{"role": "assistant", "content": turn1.choices[0].message.content or "I do not know."},
                      {"role": "user", "content": "And which animal is lazy?"}]
         cached_s, cached = timed_chat(client, "bench", messages, 1)
+        print(f"[bench] turn 2 with the cache: {cached_s:.2f} s", file=sys.stderr, flush=True)
         client.completions.create(model="bench", prompt="Unrelated.", max_tokens=1)  # replaces the KV cache
         fresh_s, fresh = timed_chat(client, "bench", messages, 1)
     finally:
