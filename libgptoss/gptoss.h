@@ -203,6 +203,68 @@ int gptoss_kv_store(const gptoss_bf16 *k, const gptoss_bf16 *v, size_t m, size_t
                     size_t head_dim, gptoss_bf16 *k_cache, gptoss_bf16 *v_cache, size_t capacity,
                     size_t first_position);
 
+/* ---------------------------------------------------------------- blocks.c */
+
+/*
+ * A decoder layer's blocks in single calls, each exactly the sequence of the kernels above that SPEC §4
+ * describes (bit-identical to calling them one by one): for callers that would otherwise cross into the
+ * library dozens of times per layer.
+ */
+
+/* The attention block's weights, all bf16 and used in place: norm [hidden]; either qkv_weight
+ * [(nq + 2 nkv) hd, hidden] with qkv_bias (the original format's one tensor) or, with qkv_weight NULL,
+ * q/k/v_weight [nq hd | nkv hd, hidden] with their biases; sinks [nq]; out_weight [hidden, nq hd], out_bias.
+ * Biases may be NULL. */
+struct gptoss_attention_weights {
+    const gptoss_bf16 *norm;
+    const gptoss_bf16 *qkv_weight, *qkv_bias;
+    const gptoss_bf16 *q_weight, *q_bias, *k_weight, *k_bias, *v_weight, *v_bias;
+    const gptoss_bf16 *sinks;
+    const gptoss_bf16 *out_weight, *out_bias;
+};
+
+/* Scratch elements (bf16) the attention block needs for m tokens; 0 if the sizes overflow. */
+size_t gptoss_attention_block_scratch_elems(size_t m, size_t hidden, size_t n_heads, size_t n_kv_heads,
+                                            size_t head_dim);
+
+/*
+ * x [m, hidden] += attention(norm(x)) in place, for tokens at positions first_position.. : RMSNorm (eps),
+ * q/k/v projection, RoPE (inv_freq, concentration as from gptoss_rope_init), keys and values stored in the
+ * cache (as gptoss_kv_store), attention with sinks and window (as gptoss_attention, scale = 1/sqrt(hd)), the
+ * output projection and the residual add. scratch: at least gptoss_attention_block_scratch_elems() bf16.
+ */
+int gptoss_attention_block(gptoss_bf16 *x, size_t m, size_t hidden, size_t n_heads, size_t n_kv_heads,
+                           size_t head_dim, const struct gptoss_attention_weights *w, float eps,
+                           const float *inv_freq, float concentration, float scale, gptoss_bf16 *k_cache,
+                           gptoss_bf16 *v_cache, size_t capacity, size_t first_position, size_t window,
+                           gptoss_bf16 *scratch, size_t scratch_elems);
+
+/*
+ * The router: t = RMSNorm(x) [m, hidden] (kept: the experts' input), logits = t W_gate^T + b [m, n_experts]
+ * (bf16), then the top k of each row with their softmax weights rounded to bf16 (as both references keep
+ * them): indices [m, k] int32, weights [m, k] fp32.
+ */
+int gptoss_moe_route(const gptoss_bf16 *x, size_t m, size_t hidden, const gptoss_bf16 *norm, float eps,
+                     const gptoss_bf16 *gate_weight, const gptoss_bf16 *gate_bias, size_t n_experts, size_t k,
+                     gptoss_bf16 *t, gptoss_bf16 *logits, int32_t *indices, float *weights);
+
+/* Scratch elements (bf16) one expert's MLP needs for m tokens; 0 if the sizes overflow. */
+size_t gptoss_expert_mlp_scratch_elems(size_t m, size_t hidden, size_t intermediate);
+
+/*
+ * One routed expert over the tokens that picked it: for the tokens i of t [m, hidden] whose router indices
+ * [m, k] name `expert`, y = SwiGLU(t_i W1^T + b1) W2^T + b2 (MXFP4 weights as gptoss_matmul_mxfp4 takes
+ * them: mlp1 [2 intermediate, hidden], mlp2 [hidden, intermediate]; tile/tile_elems its dequantization
+ * scratch, tiles sized automatically) and acc[i] += weights[i, j] * y (fp32 [m, hidden]). An expert no
+ * token picked adds nothing. scratch: at least gptoss_expert_mlp_scratch_elems() bf16.
+ */
+int gptoss_expert_mlp(const gptoss_bf16 *t, size_t m, size_t hidden, size_t intermediate, const int32_t *indices,
+                      const float *weights, size_t k, int32_t expert, const uint8_t *mlp1_blocks,
+                      const uint8_t *mlp1_scales, const gptoss_bf16 *mlp1_bias, const uint8_t *mlp2_blocks,
+                      const uint8_t *mlp2_scales, const gptoss_bf16 *mlp2_bias, float swiglu_limit,
+                      float swiglu_alpha, float *acc, gptoss_bf16 *scratch, size_t scratch_elems,
+                      gptoss_bf16 *tile, size_t tile_elems);
+
 /* ---------------------------------------------------------------- residency.c */
 
 /*

@@ -189,8 +189,8 @@ def routed_experts(model: Model, tokens: list[int]) -> tuple[np.ndarray, list[np
     picks: dict[int, list[np.ndarray]] = {}
     route = model.route
 
-    def recording_route(layer, t):
-        indices, weights = route(layer, t)
+    def recording_route(layer, *args):
+        indices, weights = route(layer, *args)
         picks.setdefault(layer, []).append(np.sort(indices, axis=1))
         return indices, weights
 
@@ -210,11 +210,12 @@ def replayed_routing_forward(model: Model, tokens: list[int], forced: list[np.nd
 
     consumed = [0] * model.config.num_hidden_layers
 
-    def forced_route(layer, t):
+    def forced_route(layer, x, t, logits):
         m = t.shape[0]
         indices = np.asarray(forced[layer][consumed[layer]:consumed[layer] + m], dtype=np.int32)
         consumed[layer] += m
         w = model.layers[layer]
+        kernels.rmsnorm(x, w.mlp_norm, model.config.rms_norm_eps, out=t)  # the experts' input, as route() leaves it
         logits = kernels.bf16_to_f32(kernels.matmul(t, w.gate_weight, w.gate_bias)).astype(np.float32)
         top = np.take_along_axis(logits, indices.astype(np.int64), axis=1)
         e = np.exp(top - top.max(axis=1, keepdims=True))
@@ -326,6 +327,7 @@ def test_layer_by_layer_matches_and_finds_a_broken_layer(tiny_original):
     # Negate layer 2's sinks (flip the bf16 sign bit): the report must name layer 2 and only layer 2.
     broken = Model(checkpoint)
     broken.layers[2].sinks = (broken.layers[2].sinks.astype(np.int32) ^ 0x8000).astype(np.uint16)  # negate
+    broken.attention_weights[2] = broken.bind_attention_weights(broken.layers[2])
     rows = compare_reference.compare_layers(broken, streams, logits, limit)
     assert [r["where"] for r in rows if not r["ok"]][0] == "layer 2"
     assert all(r["ok"] for r in rows if r["where"] in ("layer 0", "layer 1", "layer 3"))

@@ -130,13 +130,10 @@ class KernelProfile:
     matmuls which part of the model called it. What is left of the wall time is Python."""
 
     CATEGORIES = {
-        ("attention_block", "matmul"): "attention matmuls (qkv, out)",
-        ("attention_block", "rope_apply_"): "rope + kv store + attention",
-        ("attention_block", "kv_store"): "rope + kv store + attention",
-        ("attention_block", "attention"): "rope + kv store + attention",
-        ("route", "matmul"): "router",
-        ("route", "topk_softmax"): "router",
-        ("moe_block", "matmul_mxfp4"): "experts (dequant + matmul, fused)",
+        ("attention_block", "attention_block"): "attention block (norm, qkv, rope, attention, out)",
+        ("route", "moe_route"): "router (norm, gate, top-k)",
+        ("moe_block", "moe_route"): "next layer's expert guess (prefetch)",
+        ("moe_block", "expert_mlp"): "experts (mlp1, swiglu, mlp2, combine)",
         ("logits", "matmul"): "unembedding",
     }
 
@@ -146,8 +143,7 @@ class KernelProfile:
         self._originals: list[tuple[object, str, object]] = []
 
     def install(self) -> None:
-        for name in ("matmul", "matmul_mxfp4", "rope_apply_", "kv_store", "attention", "topk_softmax", "rmsnorm",
-                     "swiglu", "scatter_add_weighted", "add_", "add_f32_"):
+        for name in ("matmul", "attention_block", "moe_route", "expert_mlp", "rmsnorm", "add_f32_"):
             self._wrap(model_module.kernels, name, self._timed_kernel)
         for name in ("attention_block", "route", "moe_block", "logits"):
             self._wrap(Model, name, self._phase_method)
@@ -167,7 +163,7 @@ class KernelProfile:
             try:
                 return fn(*args, **kwargs)
             finally:
-                category = self.CATEGORIES.get((self.phase, name), "other kernels (norms, swiglu, adds)")
+                category = self.CATEGORIES.get((self.phase, name), "other kernels (final norm, MoE add)")
                 self.seconds[category] += time.perf_counter() - start
         return timed
 

@@ -83,6 +83,14 @@ def _load() -> ctypes.CDLL:
 
 lib = _load()
 
+class AttentionWeights(ctypes.Structure):
+    """struct gptoss_attention_weights: pointers (ints, None for absent) into the mapped checkpoint."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "norm", "qkv_weight", "qkv_bias", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias",
+        "sinks", "out_weight", "out_bias")]
+
+
 _p = ctypes.c_void_p
 _sz = ctypes.c_size_t
 _i = ctypes.c_int
@@ -116,6 +124,13 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_rope_apply": ([_p, _sz, _sz, _sz, _sz, _p, _p, _f], _i),
     "gptoss_attention": ([_p, _sz, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz, _sz, _p, _f, _p], _i),
     "gptoss_kv_store": ([_p, _p, _sz, _sz, _sz, _sz, _p, _p, _sz, _sz], _i),
+    "gptoss_attention_block_scratch_elems": ([_sz, _sz, _sz, _sz, _sz], _sz),
+    "gptoss_attention_block": ([_p, _sz, _sz, _sz, _sz, _sz, _p, _f, _p, _f, _f, _p, _p, _sz, _sz, _sz, _p, _sz],
+                               _i),
+    "gptoss_moe_route": ([_p, _sz, _sz, _p, _f, _p, _p, _sz, _sz, _p, _p, _p, _p], _i),
+    "gptoss_expert_mlp_scratch_elems": ([_sz, _sz, _sz], _sz),
+    "gptoss_expert_mlp": ([_p, _sz, _sz, _sz, _p, _p, _sz, ctypes.c_int32, _p, _p, _p, _p, _p, _p, _f, _f, _p, _p,
+                           _sz, _p, _sz], _i),
     "gptoss_mincore": ([_p, _sz, _p], _i),
     "gptoss_read_bandwidth": ([_p, _sz, _i, _p], _i),
 }
@@ -136,6 +151,13 @@ def call(name: str, *args, context: str = "") -> None:
     status = getattr(lib, name)(*args)
     if status != GPTOSS_OK:
         raise KernelError(name, status, status_string(status), context)
+
+
+def attention_weights(**pointers: int | None) -> tuple[AttentionWeights, int]:
+    """A struct gptoss_attention_weights of these pointers, and its address to pass to the library (the
+    caller keeps the struct, and the arrays it points into, alive while it uses the address)."""
+    struct = AttentionWeights(**pointers)
+    return struct, ctypes.addressof(struct)
 
 
 def call_value(name: str, *args):

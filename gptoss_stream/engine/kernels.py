@@ -343,6 +343,142 @@ def kv_store(
               _ptr(v_cache), capacity, first_position)
 
 
+# ---------------------------------------------------------------- blocks
+
+
+class AttentionWeights:
+    """One layer's attention weights (bf16, used in place), checked once and held as the C struct the
+    attention block takes. Give qkv_weight (one tensor) or q/k/v_weight; biases may be None."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, norm: np.ndarray,
+                 sinks: np.ndarray, out_weight: np.ndarray, out_bias: np.ndarray | None,
+                 qkv_weight: np.ndarray | None = None, qkv_bias: np.ndarray | None = None,
+                 q_weight: np.ndarray | None = None, q_bias: np.ndarray | None = None,
+                 k_weight: np.ndarray | None = None, k_bias: np.ndarray | None = None,
+                 v_weight: np.ndarray | None = None, v_bias: np.ndarray | None = None):
+        q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+        expected = {"norm": (hidden,), "sinks": (n_heads,), "out_weight": (hidden, q_dim), "out_bias": (hidden,)}
+        if qkv_weight is not None:
+            expected |= {"qkv_weight": (q_dim + 2 * kv_dim, hidden), "qkv_bias": (q_dim + 2 * kv_dim,)}
+        else:
+            expected |= {"q_weight": (q_dim, hidden), "q_bias": (q_dim,), "k_weight": (kv_dim, hidden),
+                         "k_bias": (kv_dim,), "v_weight": (kv_dim, hidden), "v_bias": (kv_dim,)}
+        given = {"norm": norm, "sinks": sinks, "out_weight": out_weight, "out_bias": out_bias,
+                 "qkv_weight": qkv_weight, "qkv_bias": qkv_bias, "q_weight": q_weight, "q_bias": q_bias,
+                 "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias}
+        for name, shape in expected.items():
+            a = given[name]
+            if a is None:
+                if name.endswith("_bias"):
+                    continue
+                raise ValueError(f"{name}: missing")
+            _check(name, a, BF16, ndim=len(shape))
+            if a.shape != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+        self.shape = (hidden, n_heads, n_kv_heads, head_dim)
+        self._arrays = {name: given[name] for name in expected}  # keeps the weights alive with the struct
+        self._struct, self.address = _lib.attention_weights(**{n: _ptr(a) for n, a in self._arrays.items()})
+
+
+def attention_block_scratch_elems(m: int, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    return int(_lib.call_value("gptoss_attention_block_scratch_elems", m, hidden, n_heads, n_kv_heads, head_dim))
+
+
+def attention_block(
+    x: np.ndarray, w: AttentionWeights, eps: float, inv_freq: np.ndarray, concentration: float, scale: float,
+    k_cache: np.ndarray, v_cache: np.ndarray, first_position: int, window: int, scratch: np.ndarray,
+) -> np.ndarray:
+    """x [m, hidden] += attention block (norm, qkv, RoPE, cache store, attention, out projection) in place."""
+    hidden, n_heads, n_kv_heads, head_dim = w.shape
+    _check("x", x, BF16, ndim=2)
+    _check("k_cache", k_cache, BF16, ndim=3)
+    _check("v_cache", v_cache, BF16, ndim=3)
+    _check("scratch", scratch, BF16)
+    _check("inv_freq", inv_freq, np.float32, ndim=1)
+    m = x.shape[0]
+    if x.shape[1] != hidden or k_cache.shape[1:] != (n_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"x {x.shape}, caches {k_cache.shape}/{v_cache.shape} do not fit hidden {hidden}, "
+                         f"{n_kv_heads} kv heads of {head_dim}")
+    if inv_freq.shape[0] != head_dim // 2:
+        raise ValueError(f"inv_freq: expected length {head_dim // 2}, got {inv_freq.shape[0]}")
+    _lib.call("gptoss_attention_block", _ptr(x), m, hidden, n_heads, n_kv_heads, head_dim, w.address, float(eps),
+              _ptr(inv_freq), float(concentration), float(scale), _ptr(k_cache), _ptr(v_cache), k_cache.shape[0],
+              first_position, window, _ptr(scratch), scratch.size,
+              context=f"x [{m}, {hidden}], cache rows {k_cache.shape[0]}, position {first_position}, "
+                      f"window {window}, scratch {scratch.size}")
+    return x
+
+
+def moe_route(
+    x: np.ndarray, norm: np.ndarray, eps: float, gate_weight: np.ndarray, gate_bias: np.ndarray | None, k: int,
+    t: np.ndarray, logits: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """t = RMSNorm(x) into t; the top k experts of each token [m, k] int32 and their softmax weights [m, k]
+    (fp32 holding bf16 values); logits [m, E] is scratch."""
+    _check("x", x, BF16, ndim=2)
+    _check("norm", norm, BF16, ndim=1)
+    _check("gate_weight", gate_weight, BF16, ndim=2)
+    m, hidden = x.shape
+    n_experts = gate_weight.shape[0]
+    if norm.shape[0] != hidden or gate_weight.shape[1] != hidden:
+        raise ValueError(f"norm {norm.shape} / gate_weight {gate_weight.shape} do not match x {x.shape}")
+    if gate_bias is not None:
+        _check("gate_bias", gate_bias, BF16, ndim=1)
+        if gate_bias.shape[0] != n_experts:
+            raise ValueError(f"gate_bias: expected length {n_experts}, got {gate_bias.shape[0]}")
+    t = _out(t, (m, hidden), BF16, "t")
+    logits = _out(logits, (m, n_experts), BF16, "logits")
+    if not 0 < k <= n_experts:
+        raise ValueError(f"k={k} must be in 1..{n_experts}")
+    indices = np.empty((m, k), dtype=np.int32)
+    weights = np.empty((m, k), dtype=np.float32)
+    _lib.call("gptoss_moe_route", _ptr(x), m, hidden, _ptr(norm), float(eps), _ptr(gate_weight), _ptr(gate_bias),
+              n_experts, k, _ptr(t), _ptr(logits), _ptr(indices), _ptr(weights),
+              context=f"x [{m}, {hidden}], {n_experts} experts, top {k}")
+    return indices, weights
+
+
+def expert_mlp_scratch_elems(m: int, hidden: int, intermediate: int) -> int:
+    return int(_lib.call_value("gptoss_expert_mlp_scratch_elems", m, hidden, intermediate))
+
+
+def expert_mlp(
+    t: np.ndarray, indices: np.ndarray, weights: np.ndarray, expert: int, mlp1_blocks: np.ndarray,
+    mlp1_scales: np.ndarray, mlp1_bias: np.ndarray | None, mlp2_blocks: np.ndarray, mlp2_scales: np.ndarray,
+    mlp2_bias: np.ndarray | None, swiglu_limit: float, swiglu_alpha: float, acc: np.ndarray, scratch: np.ndarray,
+    tile: np.ndarray,
+) -> None:
+    """acc[i] += weights[i, j] * expert(t[i]) for the tokens i whose router picked `expert` (indices[i, j])."""
+    _check("t", t, BF16, ndim=2)
+    _check("indices", indices, np.int32, ndim=2)
+    _check("weights", weights, np.float32, ndim=2)
+    _check("acc", acc, np.float32, ndim=2)
+    _check("scratch", scratch, BF16)
+    _check("tile", tile, BF16)
+    m, hidden = t.shape
+    two_i = mlp1_blocks.shape[0]
+    for name, a, shape in (("mlp1_blocks", mlp1_blocks, (two_i, hidden // 32, 16)),
+                           ("mlp1_scales", mlp1_scales, (two_i, hidden // 32)),
+                           ("mlp2_blocks", mlp2_blocks, (hidden, two_i // 64, 16)),
+                           ("mlp2_scales", mlp2_scales, (hidden, two_i // 64))):
+        _check(name, a, np.uint8, ndim=len(shape))
+        if a.shape != shape or hidden % 32 or two_i % 64:
+            raise ValueError(f"{name}: expected {shape} for hidden {hidden}, got {a.shape}")
+    for name, bias, n in (("mlp1_bias", mlp1_bias, two_i), ("mlp2_bias", mlp2_bias, hidden)):
+        if bias is not None:
+            _check(name, bias, BF16, ndim=1)
+            if bias.shape[0] != n:
+                raise ValueError(f"{name}: expected length {n}, got {bias.shape[0]}")
+    if indices.shape[0] != m or weights.shape != indices.shape or acc.shape != (m, hidden):
+        raise ValueError(f"t {t.shape}, indices {indices.shape}, weights {weights.shape}, acc {acc.shape} disagree")
+    _lib.call("gptoss_expert_mlp", _ptr(t), m, hidden, two_i // 2, _ptr(indices), _ptr(weights), indices.shape[1],
+              int(expert), _ptr(mlp1_blocks), _ptr(mlp1_scales), _ptr(mlp1_bias), _ptr(mlp2_blocks),
+              _ptr(mlp2_scales), _ptr(mlp2_bias), float(swiglu_limit), float(swiglu_alpha), _ptr(acc),
+              _ptr(scratch), scratch.size, _ptr(tile), tile.size,
+              context=f"t [{m}, {hidden}], expert {expert}, intermediate {two_i // 2}, scratch {scratch.size}, "
+                      f"tile {tile.size}")
+
+
 # ---------------------------------------------------------------- residency
 
 

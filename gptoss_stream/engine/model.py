@@ -35,16 +35,11 @@ class RunState:
     """Every activation buffer of one chunk of up to `max_chunk` tokens, allocated once per session."""
 
     x: np.ndarray        # (chunk, H) residual stream
-    t: np.ndarray        # (chunk, H) normed input of a block
-    qkv: np.ndarray      # (chunk, (nq + 2 nkv) * hd)
-    attn: np.ndarray     # (chunk, nq * hd)
-    proj: np.ndarray     # (chunk, H) attention output projection
+    attn_scratch: np.ndarray  # the attention block's: normed input, qkv, attention output, out projection
+    t: np.ndarray        # (chunk, H) normed input of the MoE block (the experts' input)
     router: np.ndarray   # (chunk, E) router logits
     moe_acc: np.ndarray  # (chunk, H) fp32 weighted sum of expert outputs
-    mlp1: np.ndarray     # (chunk, 2I) one expert's first layer, for the tokens routed to it
-    act: np.ndarray      # (chunk, I) SwiGLU output
-    mlp2: np.ndarray     # (chunk, H) one expert's output
-    gathered: np.ndarray  # (chunk, H) the normed inputs of the tokens routed to one expert
+    expert_scratch: np.ndarray  # one expert's: gathered inputs, mlp1 output, SwiGLU output, mlp2 output
     tile: np.ndarray     # (threads * EXPERT_SCRATCH_BYTES_PER_THREAD / 2,) dequantized expert tiles
     guess_t: np.ndarray  # (chunk, H) the next layer's norm applied early, to guess its experts
     guess_router: np.ndarray  # (chunk, E) the next layer's router logits on guess_t
@@ -52,19 +47,17 @@ class RunState:
     @classmethod
     def allocate(cls, config: ModelConfig, max_chunk: int) -> RunState:
         c, h, i = max_chunk, config.hidden_size, config.intermediate_size
-        q_dim = config.num_attention_heads * config.head_dim
-        kv_dim = config.num_key_value_heads * config.head_dim
 
         def bf16(*shape: int) -> np.ndarray:
             return np.zeros(shape, dtype=BF16)
 
         tile_elems = max(1, kernels.get_num_threads()) * EXPERT_SCRATCH_BYTES_PER_THREAD // 2
-
+        attn_elems = kernels.attention_block_scratch_elems(
+            c, h, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         return cls(
-            x=bf16(c, h), t=bf16(c, h), qkv=bf16(c, q_dim + 2 * kv_dim), attn=bf16(c, q_dim), proj=bf16(c, h),
-            router=bf16(c, config.num_experts), moe_acc=np.zeros((c, h), dtype=np.float32), mlp1=bf16(c, 2 * i),
-            act=bf16(c, i), mlp2=bf16(c, h), gathered=bf16(c, h), tile=bf16(tile_elems),
-            guess_t=bf16(c, h), guess_router=bf16(c, config.num_experts),
+            x=bf16(c, h), attn_scratch=bf16(attn_elems), t=bf16(c, h), router=bf16(c, config.num_experts),
+            moe_acc=np.zeros((c, h), dtype=np.float32), expert_scratch=bf16(kernels.expert_mlp_scratch_elems(c, h, i)),
+            tile=bf16(tile_elems), guess_t=bf16(c, h), guess_router=bf16(c, config.num_experts),
         )
 
     @property
@@ -85,6 +78,7 @@ class Model:
         # 0: what this process may use (affinity, cgroup CPU quota), not every processor of the machine
         kernels.set_num_threads(num_threads if num_threads > 0 else system.available_cpus())
         self.layers: list[LayerWeights] = [checkpoint.layer(n) for n in range(config.num_hidden_layers)]
+        self.attention_weights = [self.bind_attention_weights(w) for w in self.layers]
         self.embedding = checkpoint.embedding()      # (V, H)
         self.final_norm = checkpoint.final_norm()    # (H,)
         self.unembedding = checkpoint.unembedding()  # (V, H)
@@ -151,72 +145,54 @@ class Model:
 
     # ------------------------------------------------------------------ attention block
 
+    def bind_attention_weights(self, w: LayerWeights) -> kernels.AttentionWeights:
+        cfg = self.config
+        """The layer's attention weights as the attention block takes them (bound once, at construction: a
+        LayerWeights array replaced later needs binding again)."""
+        return kernels.AttentionWeights(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, norm=w.attn_norm,
+            sinks=w.sinks, out_weight=w.out_weight, out_bias=w.out_bias, qkv_weight=w.qkv_weight,
+            qkv_bias=w.qkv_bias, q_weight=w.q_weight, q_bias=w.q_bias, k_weight=w.k_weight, k_bias=w.k_bias,
+            v_weight=w.v_weight, v_bias=w.v_bias)
+
     def attention_block(self, layer: int, x: np.ndarray, cache: KVCache, first_position: int) -> None:
-        cfg, w, s = self.config, self.layers[layer], self.state
-        m = x.shape[0]
-        nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        # t = norm(x)
-        t = kernels.rmsnorm(x, w.attn_norm, cfg.rms_norm_eps, out=s.t[:m])
-        # qkv = t W_qkv^T + b; one matmul when q, k, v are one tensor (original format), else three
-        qkv = s.qkv[:m]
-        q, k, v = qkv[:, :nq * hd], qkv[:, nq * hd:(nq + nkv) * hd], qkv[:, (nq + nkv) * hd:]
-        if w.qkv_weight is not None:
-            kernels.matmul(t, w.qkv_weight, w.qkv_bias, out=qkv)
-        else:
-            kernels.matmul(t, w.q_weight, w.q_bias, out=q)
-            kernels.matmul(t, w.k_weight, w.k_bias, out=k)
-            kernels.matmul(t, w.v_weight, w.v_bias, out=v)
-        # RoPE on q and k at their positions
-        positions = np.arange(first_position, first_position + m, dtype=np.int64)
-        kernels.rope_apply_(q, nq, hd, positions, self.inv_freq, self.concentration)
-        kernels.rope_apply_(k, nkv, hd, positions, self.inv_freq, self.concentration)
-        # keys and values join the cache; attention with sinks (and the window on sliding layers)
-        kernels.kv_store(k, v, cache.keys[layer], cache.values[layer], first_position)
-        attn = kernels.attention(q, nq, cache.keys[layer], cache.values[layer], first_position,
-                                 cache.window(layer), w.sinks, self.attn_scale, out=s.attn[:m])
-        # x = x + attn W_out^T + b
-        kernels.add_(x, kernels.matmul(attn, w.out_weight, w.out_bias, out=s.proj[:m]))
+        """x += attention(norm(x)): q, k, v projections, RoPE, the keys and values into the cache, attention
+        with sinks (and the window on sliding layers), the output projection; one library call."""
+        kernels.attention_block(x, self.attention_weights[layer], self.config.rms_norm_eps, self.inv_freq,
+                                self.concentration, self.attn_scale, cache.keys[layer], cache.values[layer],
+                                first_position, cache.window(layer), self.state.attn_scratch)
 
     # ------------------------------------------------------------------ MoE block
 
-    def route(self, layer: int, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top experts_per_token experts of each token and their softmax weights."""
+    def route(self, layer: int, x: np.ndarray, t: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """t = the layer's MoE norm of x; the top experts_per_token experts of each token and their softmax
+        weights (bf16 values, as both references keep them)."""
         w = self.layers[layer]
-        logits = kernels.matmul(t, w.gate_weight, w.gate_bias, out=self.state.router[:t.shape[0]])
-        indices, weights = kernels.topk_softmax(logits, self.config.experts_per_token)
-        # Both references (gpt-oss and transformers) keep the routing weights in bf16.
-        return indices, kernels.bf16_to_f32(kernels.f32_to_bf16(weights))
+        return kernels.moe_route(x, w.mlp_norm, self.config.rms_norm_eps, w.gate_weight, w.gate_bias,
+                                 self.config.experts_per_token, t=t, logits=logits)
 
     def moe_block(self, layer: int, x: np.ndarray) -> None:
-        cfg, w, s = self.config, self.layers[layer], self.state
+        cfg, s = self.config, self.state
         m = x.shape[0]
         # t = norm(x); route each token to its top experts
-        t = kernels.rmsnorm(x, w.mlp_norm, cfg.rms_norm_eps, out=s.t[:m])
-        indices, weights = self.route(layer, t)
+        t = s.t[:m]
+        indices, weights = self.route(layer, x, t, s.router[:m])
         acc = s.moe_acc[:m]
         acc.fill(0.0)
-        # Group the tokens by expert so each routed expert is dequantized once per chunk and runs as one
-        # M = (tokens routed to it) matmul. Experts come in sorted order whatever the store (the fp32 sum
-        # below depends on the order); the store starts reading the missing ones now.
-        flat = indices.reshape(-1)
+        # Each routed expert is dequantized once per chunk and runs as one M = (tokens routed to it) matmul.
+        # Experts come in sorted order whatever the store (the fp32 sum below depends on the order); the store
+        # starts reading the missing ones now.
         # The request ends with the `with`, whatever raises in between (a kernel error, Ctrl-C).
-        with self.experts.request(layer, np.unique(flat)) as routed:
+        with self.experts.request(layer, np.unique(indices)) as routed:
             if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
                 # Disk time, not compute, bounds a memory-capped run: let the store read the next layer's
                 # likely experts while this layer computes.
                 self.experts.prefetch(layer + 1, self.guess_experts(layer + 1, x))
             for expert, e in routed:
-                hits = np.flatnonzero(flat == expert)
-                rows = (hits // cfg.experts_per_token).astype(np.int32)
-                n = rows.size
-                xe = t if n == m and np.array_equal(rows, np.arange(m)) else np.take(t, rows, axis=0,
-                                                                                       out=s.gathered[:n])
-                # h = t W1_e^T + b1_e; a = SwiGLU(h); y = a W2_e^T + b2_e
-                h = kernels.matmul_mxfp4(xe, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias, s.tile, out=s.mlp1[:n])
-                a = kernels.swiglu(h, cfg.swiglu_limit, SWIGLU_ALPHA, out=s.act[:n])
-                y = kernels.matmul_mxfp4(a, e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, s.tile, out=s.mlp2[:n])
-                # acc[token] += weight_e * y_e
-                kernels.scatter_add_weighted(acc, y, rows, weights.reshape(-1)[hits])
+                # acc[token] += weight_e * (SwiGLU(t W1_e^T + b1_e) W2_e^T + b2_e) over the tokens routed to e
+                kernels.expert_mlp(t, indices, weights, expert, e.mlp1_blocks, e.mlp1_scales, e.mlp1_bias,
+                                   e.mlp2_blocks, e.mlp2_scales, e.mlp2_bias, cfg.swiglu_limit, SWIGLU_ALPHA, acc,
+                                   s.expert_scratch, s.tile)
         # x = x + bf16(sum_e weight_e y_e)
         kernels.add_f32_(x, acc)
         if self.experts.prefetches and layer + 1 < cfg.num_hidden_layers:
@@ -231,10 +207,8 @@ class Model:
         to the current residual (after this layer's attention) usually pick the same experts. Only guesses:
         nothing here touches the activations of the forward pass.
         """
-        w, s = self.layers[layer], self.state
-        m = x.shape[0]
-        t = kernels.rmsnorm(x, w.mlp_norm, self.config.rms_norm_eps, out=s.guess_t[:m])
-        logits = kernels.matmul(t, w.gate_weight, w.gate_bias, out=s.guess_router[:m])
-        indices, _ = kernels.topk_softmax(logits, self.config.experts_per_token)
+        w, s, m = self.layers[layer], self.state, x.shape[0]
+        indices, _ = kernels.moe_route(x, w.mlp_norm, self.config.rms_norm_eps, w.gate_weight, w.gate_bias,
+                                       self.config.experts_per_token, t=s.guess_t[:m], logits=s.guess_router[:m])
         experts, counts = np.unique(indices, return_counts=True)
         return experts[np.argsort(-counts, kind="stable")]
