@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("openai_harmony")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 from server_support import InProcessServer, ScriptedModel  # noqa: E402
 
@@ -257,8 +258,6 @@ def test_disconnect_mid_stream_frees_the_engine_within_one_token():
 
 
 def test_disconnect_during_a_non_streaming_request_cancels_it():
-    import httpx
-
     token_seconds = 0.05
     model = ScriptedModel(delay=token_seconds)
     model.script([])
