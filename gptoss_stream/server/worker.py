@@ -153,7 +153,8 @@ class Worker:
             job.emit(Failed(e))
             return
         finished.queue_seconds = queued - job.submitted
-        self.log(f"[serve] #{job.seq} {finished.reason}: {finished.prompt_tokens} prompt tokens "
+        self.log(f"[serve] #{job.seq} {finished.reason} after {finished.queue_seconds:.2f} s in the queue: "
+                 f"{finished.prompt_tokens} prompt tokens "
                  f"({finished.cached_tokens} cached) in {finished.prefill_seconds:.2f} s, "
                  f"{finished.completion_tokens} generated in {finished.decode_seconds:.2f} s")
         job.emit(finished)
