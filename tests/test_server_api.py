@@ -78,6 +78,12 @@ def test_raw_completion(client):
     assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens <= 5
 
 
+def test_responses_endpoint(client):
+    r = client.responses.create(model=MODEL, input="Hello", instructions="Be brief.", max_output_tokens=4)
+    assert r.object == "response" and r.status in ("completed", "incomplete")
+    assert r.usage.output_tokens <= 4 and r.usage.input_tokens > 20
+
+
 def test_second_turn_hits_the_prompt_cache(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "First question?"}]
     first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)

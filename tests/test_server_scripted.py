@@ -271,3 +271,46 @@ def test_disconnect_during_a_non_streaming_request_cancels_it():
             time.sleep(0.005)
         assert len(model.calls) < 100
         assert any("cancelled" in line for line in server.log)
+
+
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+                  "parameters": WEATHER_TOOL["function"]["parameters"]}
+
+
+def test_responses_api_reasoning_and_text(served, client):
+    served.model.script(ids(THINK_THEN_ANSWER))
+    r = client.responses.create(model="scripted", input="Hi", instructions="Be kind.", reasoning={"effort": "low"})
+    assert r.status == "completed" and r.output_text == "Hello there!"
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "The user greets me."
+    assert r.usage.input_tokens == len(served.model.prompts[-1]) and r.usage.output_tokens_details.reasoning_tokens
+    prompt = text(served.model.prompts[-1])
+    assert "Reasoning: low" in prompt and "# Instructions\n\nBe kind." in prompt
+
+
+def test_responses_api_tool_call_round_trip(served, client):
+    served.model.script(ids(THINK_THEN_CALL))
+    first = client.responses.create(model="scripted", input="Weather in Paris?", tools=[RESPONSES_TOOL])
+    call = next(item for item in first.output if item.type == "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    served.model.script(ids(ANSWER_AFTER_TOOL))
+    history = [{"role": "user", "content": "Weather in Paris?"}] + [item.model_dump(exclude_none=True)
+                                                                    for item in first.output]
+    history.append({"type": "function_call_output", "call_id": call.call_id, "output": "{\"temp_c\": 21}"})
+    second = client.responses.create(model="scripted", input=history, tools=[RESPONSES_TOOL], max_output_tokens=200)
+    assert second.output_text == "It is 21 C in Paris."
+    assert text(served.model.prompts[-1]).endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>Need the weather.<|end|>"
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        "{\"city\": \"Paris\"}<|call|>"
+        "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{\"temp_c\": 21}<|end|>"
+        "<|start|>assistant")
+
+
+def test_responses_api_errors(served, client):
+    for kwargs, param in (({"input": "x", "stream": True}, "stream"), ({"input": []}, "input"),
+                          ({"input": [{"type": "image", "url": "x"}]}, "input[0]"),
+                          ({"input": "x", "max_output_tokens": 0}, "max_output_tokens")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="scripted", **kwargs)
+        assert e.value.body["param"] == param

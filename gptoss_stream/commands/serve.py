@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Load the model once and answer OpenAI API requests: POST /v1/chat/completions (streaming "
                     "or not; reasoning in reasoning_content, function tools), POST /v1/completions (raw "
-                    "prompts), GET /v1/models, GET /health. Requests run one at a time in arrival order; "
+                    "prompts), POST /v1/responses (not streaming), GET /v1/models, GET /health. Requests run one at a time in arrival order; "
                     "the KV cache of the previous request is reused for the prompt prefix they share. "
                     "Needs the server extra: pip install '.[server]'.",
     )

@@ -1,4 +1,4 @@
-"""The HTTP routes (FastAPI): /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""The HTTP routes (FastAPI): /v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /health.
 
 A handler checks and renders its request on the event loop, queues a Job on the Worker and turns the tokens
 the engine thread sends back into a JSON answer or server-sent events. Every error is an OpenAI error object
@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from gptoss_stream.chat.harmony import STOP_TOKENS_CHAT, STOP_TOKENS_RAW
 from gptoss_stream.chat.tokenizer import Tokenizer
 from gptoss_stream.engine.sampling import SamplingParams
-from gptoss_stream.server import harmony_bridge
+from gptoss_stream.server import harmony_bridge, responses
 from gptoss_stream.server.protocol import APIError, Sampling, parse_chat_request, parse_completion_request, \
     parse_json
 from gptoss_stream.server.replies import ChatReply, TextReply, usage
@@ -107,6 +107,21 @@ def create_app(worker: Worker, tokenizer: Tokenizer, settings: Settings) -> Fast
                          "finish_reason": reply.finish_reason(finished.stop_token, finished.reason == "length")}],
             "usage": usage_of(finished, reply.reasoning_tokens),
         }
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        authorize(request)
+        body = parse_json(await request.body())
+        req = parse_chat_request(responses.chat_body(body))
+        check_model(req.model)
+        prompt = harmony_bridge.render_chat(req, harmony_bridge.today())
+        run = Run.submit(worker, prompt, req.sampling, STOP_TOKENS_CHAT, "input")
+        reply = ChatReply(tokenizer, req.sampling.stop)
+        finished = await run.collect(request, reply.feed, reply)
+        reply.finish()
+        reason = reply.finish_reason(finished.stop_token, finished.reason == "length")
+        return responses.response_object(settings.model_name, reply, reason,
+                                         usage_of(finished, reply.reasoning_tokens), body)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
