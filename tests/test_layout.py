@@ -123,7 +123,8 @@ ALLOWED = {
     "streaming": {"weights"},
     "engine": {"weights", "streaming"},
     "chat": set(),
-    "commands": {"weights", "streaming", "engine", "chat"},
+    "server": {"weights", "streaming", "engine", "chat"},  # sits on top like commands/
+    "commands": {"weights", "streaming", "engine", "chat", "server"},
 }
 # The one edge against the flow: the RAM plan is made before the model exists and sizes the engine's scratch
 # buffers with the engine's own arithmetic (a function-level import; no module cycle).

@@ -43,7 +43,8 @@ class Message:
 @dataclass
 class Event:
     """What one generated token changed. kind:
-    "channel_start": a message header was completed (channel is None if the model gave none);
+    "channel_start": a message header was completed (channel is None if the model gave none; recipient is
+        set on a tool call, e.g. "functions.get_weather");
     "text": a piece of message content, complete UTF-8;
     "message_end": the message is complete, text holds its whole content;
     "stop": a stop token ended the reply."""
@@ -51,6 +52,7 @@ class Event:
     kind: str
     channel: str | None = None
     text: str = ""
+    recipient: str | None = None
 
 
 def system_message(
@@ -290,7 +292,7 @@ class HarmonyParser:
     def _begin_content(self, message: Message) -> list[Event]:
         self._current = message
         self._decoder = StreamDecoder(self._tokenizer)
-        return [Event("channel_start", message.channel)]
+        return [Event("channel_start", message.channel, recipient=message.recipient)]
 
     def _text(self, text: str) -> list[Event]:
         if not text:

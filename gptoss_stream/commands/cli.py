@@ -1,5 +1,5 @@
 """The `gptoss` command: one sub-command per user task, each in its own module of this package (generate.py:
-generate and chat; make_checkpoint.py; repack.py; memprof/; info.py); this module only dispatches.
+generate and chat; make_checkpoint.py; repack.py; memprof/; info.py; serve.py); this module only dispatches.
 
 stdout carries only generated text (so it can be piped); progress, statistics and errors go to stderr.
 """
@@ -16,7 +16,7 @@ import traceback
 def build_parser() -> argparse.ArgumentParser:
     # Each command module registers its own sub-parser and sets `func`; heavy imports stay inside the
     # commands so `gptoss --help` is instant.
-    from gptoss_stream.commands import generate, info, make_checkpoint, repack
+    from gptoss_stream.commands import generate, info, make_checkpoint, repack, serve
     from gptoss_stream.commands.memprof import command as memprof
 
     parser = argparse.ArgumentParser(
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     repack.add_parser(subparsers)
     memprof.add_parser(subparsers)
     info.add_parser(subparsers)
+    serve.add_parser(subparsers)
     return parser
 
 

@@ -82,7 +82,8 @@ def check_run_arguments(args: argparse.Namespace) -> None:
                                  ("--max-tokens", getattr(args, "max_tokens", 0), 0)):
         if value < least:
             raise InputError(f"{option} must be >= {least}, got {value}")
-    make_sampler(args)  # the sampling options, checked now
+    if hasattr(args, "temperature"):  # commands that sample from the command line (serve takes them per request)
+        make_sampler(args)  # the sampling options, checked now
 
 
 def fits_in_memory(checkpoint, context_length: int, max_chunk: int) -> bool:

@@ -58,6 +58,28 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def rewind_limit(self) -> int:
+        """How many of the last positions truncate() may drop.
+
+        A sliding layer's ring holds only the last `capacity` positions. Cut back from length P to L, the next
+        token at L needs the window before it, positions (L - window, L), still in the ring: true while
+        P - L <= capacity - window (the rows of older positions were overwritten by positions in [L, P)).
+        A ring that never wraps (capacity = context length) and full-attention layers lose nothing.
+        """
+        limits = [k.shape[0] - self.config.sliding_window for layer, k in enumerate(self.keys)
+                  if self.config.is_sliding(layer) and k.shape[0] < self.context_length]
+        return min(limits, default=self.context_length)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on, keeping the keys and values before it (a prompt cache
+        reuses a common prefix this way). Raises ValueError if a sliding ring lost what `length` needs."""
+        if not max(0, self.length - self.rewind_limit()) <= length <= self.length:
+            raise ValueError(
+                f"cannot truncate the cache from {self.length} to {length} positions: allowed down to "
+                f"{max(0, self.length - self.rewind_limit())} (the sliding rings keep only the last positions)"
+            )
+        self.length = length
+
     @property
     def nbytes(self) -> int:
         """Bytes reserved (address space); resident memory grows only with the positions written."""
