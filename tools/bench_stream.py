@@ -256,8 +256,9 @@ def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, 
 def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_tokens: float = 64.0) -> float:
     """Hit rate of a replacement policy on the decode requests of a trace (demand reads only).
 
-    global-lru: one LRU list over all layers. layer-lru / layer-lfu: the engine's per-layer shares (a layer
-    under its share takes from the layer furthest over it) with LRU or decayed-frequency order inside.
+    global-lru: one LRU list over all layers. layer-lru / layer-lfu / layer-decay: the engine's per-layer
+    shares (a layer under its share takes from the layer furthest over it) with the engine's --cache-policy
+    lru, lfu (plain counts) or decay (counts halving every half_life_tokens) inside, ties to the older.
     belady: evict the entry whose next use is farthest (the offline optimum, global).
     """
     reqs = [(r["layer"], r["experts"]) for r in trace if r["phase"] == "decode"]
@@ -266,7 +267,7 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
     count: dict[tuple[int, int], float] = {}
     hits = total = 0
     quota = slots / layers
-    half = half_life_tokens * layers
+    half = math.inf if policy == "layer-lfu" else half_life_tokens * layers
     future: dict[tuple[int, int], list[int]] = {}
     if policy == "belady":
         for t, (layer, experts) in enumerate(reqs):
@@ -277,8 +278,10 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
 
     def score(key):
         if policy in ("layer-lru", "global-lru"):
-            return last[key]
-        return math.log2(count[key]) + last[key] / half
+            return (last[key], last[key])
+        if policy == "layer-lfu":
+            return (count[key], last[key])
+        return (math.log2(count[key]) + last[key] / half, last[key])
 
     for t, (layer, experts) in enumerate(reqs):
         want = {(layer, e) for e in experts}
@@ -330,10 +333,17 @@ def guess_accuracy(trace: list[dict], key: str) -> float:
 
 def run_policy(args: argparse.Namespace) -> None:
     traces: dict[str, tuple[list[dict], int, int]] = {}
-    if args.model:
+    loaded = json.loads(Path(args.trace).read_text()) if args.trace and Path(args.trace).exists() else None
+    if isinstance(loaded, dict):  # written by `run --trace-dir` (the engine's own requests, any store)
+        recorded = loaded["trace"]
+        traces[f"recorded ({Path(loaded['model']).name}, synthetic)"] = (recorded, loaded["layers"], loaded["experts"])
+        print(f"next-layer guess accuracy on the recorded decode: first guess {guess_accuracy(recorded, 'guess_attn'):.1%}, "
+              f"final guess {guess_accuracy(recorded, 'guess_moe'):.1%}; "
+              f"{sum(r['phase'] == 'decode' for r in recorded) // loaded['layers']} decode tokens")
+    elif args.model:
         path = Path(args.trace) if args.trace else None
-        if path and path.exists():
-            recorded = json.loads(path.read_text())
+        if loaded is not None:
+            recorded = loaded
         else:
             print(f"# recording a router trace on {args.model}: {args.prompt} prompt + {args.tokens} sampled tokens "
                   f"(load {load_average():.2f})", file=sys.stderr)
@@ -349,9 +359,9 @@ def run_policy(args: argparse.Namespace) -> None:
     for zipf, reuse in ((0.0, 0.0), (0.8, 0.0), (0.0, 0.3), (0.8, 0.3), (1.2, 0.5)):
         name = f"modelled zipf={zipf} reuse={reuse}"
         traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed), layers, experts)
-    policies = ("global-lru", "layer-lru", "layer-lfu", "belady")
+    policies = ("global-lru", "layer-lru", "layer-lfu", "layer-decay", "belady")
     fractions = [float(f) for f in args.fractions.split(",")]
-    print(f"decode hit rate by policy; cache = fraction of all experts (per-layer LFU half-life "
+    print(f"decode hit rate by policy; cache = fraction of all experts (layer-decay half-life "
           f"{args.half_life:g} tokens)")
     print(f"{'trace':36s} {'cache':>6s} " + " ".join(f"{p:>11s}" for p in policies))
     for name, (trace, n_layers, n_experts) in traces.items():
@@ -390,6 +400,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},                       # what --ram-budget does
     "no-prefetch": {"prefetch": False},  # demand reads only
     "lru": {"policy": "lru"},
+    "lfu": {"policy": "lfu"},
+    "decay": {"policy": "decay"},
     "io2": {"io_threads": 2},
     "borrow": {"guesses_borrow": True},  # guesses may evict other layers' entries
     "buffered": {"direct": False},       # buffered preads + FADV_DONTNEED instead of O_DIRECT
@@ -407,13 +419,45 @@ def run_child(args: argparse.Namespace) -> None:
 
     ck = Checkpoint.open(args.model)
     store, plan = open_budgeted_store(ck, args.budget, args.context, args.chunk, **VARIANTS[args.variant])
-    print(f"[stats] plan: {plan.describe()}", file=sys.stderr)
-    model = Model(ck, max_chunk=args.chunk, expert_store=store, num_threads=args.threads)
+    print(f"[stats] plan: {plan.describe()}; cache policy {store.policy}", file=sys.stderr)
     prompt = get_tokenizer().encode(PROMPT, allow_special=True)
+    trace = record_requests(store, -(-len(prompt) // args.chunk)) if args.trace else None
+    model = Model(ck, max_chunk=args.chunk, expert_store=store, num_threads=args.threads)
     result = generate(model, prompt, args.tokens, Sampler(SamplingParams(temperature=1.0, seed=0)),
                       context_length=args.context)
     print(report(result, plan), file=sys.stderr)
     store.close()
+    if trace is not None:
+        cfg = ck.config
+        Path(args.trace).write_text(json.dumps({"layers": cfg.num_hidden_layers, "experts": cfg.num_experts,
+                                                "model": args.model, "trace": trace}))
+
+
+def record_requests(store, prefill_forwards: int) -> list[dict]:
+    """Log the store's requests (the router's experts) and the guesses before each (the first, from the
+    residual after the previous layer's attention; the last, after its MoE), in the trace format of
+    record_trace. Phases: the first `prefill_forwards` forwards are the prompt's chunks, the rest decode."""
+    trace: list[dict] = []
+    guesses: dict[int, list[list[int]]] = {}
+    request, prefetch = store.request, store.prefetch
+    seen_layer0 = [0]
+
+    def logged_request(layer, experts):
+        experts = [int(e) for e in experts]
+        if layer == 0:
+            seen_layer0[0] += 1
+        g = guesses.pop(layer, [])
+        trace.append({"phase": "prefill" if seen_layer0[0] <= prefill_forwards else "decode", "layer": layer, "experts": experts,
+                      "guess_attn": g[0] if g else None, "guess_moe": g[-1] if g else None})
+        return request(layer, experts)
+
+    def logged_prefetch(layer, experts):
+        experts = [int(e) for e in experts]
+        guesses.setdefault(layer, []).append(experts)
+        return prefetch(layer, experts)
+
+    store.request, store.prefetch = logged_request, logged_prefetch
+    return trace
 
 
 def print_ratios(limit_text: str, by_mode: dict[str, dict], args: argparse.Namespace) -> None:
@@ -428,6 +472,19 @@ def print_ratios(limit_text: str, by_mode: dict[str, dict], args: argparse.Names
     print(f"{limit_text:>5s} budget / mmap-only: decode {budget['decode_tok_s'] / baseline['decode_tok_s']:.2f}x, "
           f"prefill {budget['prefill_tok_s'] / baseline['prefill_tok_s']:.2f}x (same prompt, {args.tokens} tokens "
           f"each, this run)", flush=True)
+
+
+def equivalent_limit(cfg, layers: int, limit: int, context: int, chunk: int) -> int:
+    """The memory limit at which a subset of a model (cfg: the same shapes, fewer layers) gets the expert
+    cache per layer that the whole model (`layers` layers) gets at `limit`: each layer then sees the hit
+    rate, reads and prefetch it would in the whole model, and per-layer costs scale to it."""
+    from gptoss_stream.streaming.budget import plan_memory, planned_slot_bytes
+
+    slot = planned_slot_bytes(cfg)
+    full = plan_memory(cfg.with_overrides(num_hidden_layers=layers), slot, limit, context, chunk)
+    slots = round(full.expert_slots / layers * cfg.num_hidden_layers)
+    sub = plan_memory(cfg, slot, 1 << 50, context, chunk)
+    return sub.fixed + max(slots, sub.min_expert_slots) * slot
 
 
 def run_runs(args: argparse.Namespace) -> None:
@@ -453,15 +510,22 @@ def run_runs(args: argparse.Namespace) -> None:
           flush=True)
     for limit_text in args.limits.split(","):
         limit = parse_size(limit_text)
+        if args.as_layers:
+            limit = equivalent_limit(cfg, args.as_layers, limit, args.context, args.chunk)
+            print(f"# {limit_text} for {args.as_layers} layers = the same expert cache per layer on these "
+                  f"{cfg.num_hidden_layers}: limit {format_size(limit)} ({limit} bytes)", flush=True)
+            limit_text = f"{limit_text}/{args.as_layers}L"
         by_mode = {}
         for mode in modes:
             tokens = args.baseline_tokens if mode == "mmap-only" else args.tokens
             if mode in ("budget", "mmap-only"):
-                cmd = base + ["-n", str(tokens)] + (["--ram-budget", limit_text] if mode == "budget" else ["--mmap-only"])
+                cmd = base + ["-n", str(tokens)] + (["--ram-budget", str(limit)] if mode == "budget" else ["--mmap-only"])
             elif mode in VARIANTS:
-                cmd = [sys.executable, __file__, "child", "-m", args.model, "--budget", limit_text, "--tokens",
+                cmd = [sys.executable, __file__, "child", "-m", args.model, "--budget", str(limit), "--tokens",
                        str(tokens), "--context", str(args.context), "--chunk", str(args.chunk), "--variant", mode,
                        "--threads", str(args.threads)]
+                if args.trace_dir:
+                    cmd += ["--trace", str(Path(args.trace_dir) / f"trace-{limit_text.replace('/', '-')}-{mode}.json")]
             else:
                 raise SystemExit(f"unknown mode {mode!r}: budget, mmap-only or one of {', '.join(VARIANTS)}")
             load = load_average()
@@ -558,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each run: drop the whole page cache (default, as measured runs need) or only "
                         "evict the checkpoint's files (gentler on a shared machine)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
+    p.add_argument("--as-layers", type=int, default=0, metavar="N",
+                   help="the checkpoint is an N-layer model's subset (make-checkpoint --layers): run each limit "
+                        "as the limit that gives it the whole model's expert cache per layer (labelled LIMIT/NL)")
+    p.add_argument("--trace-dir", default="", help="store variants write their router traces here (for policy)")
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.set_defaults(func=run_runs)
 
@@ -569,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--trace", default="", help="write the router's requests and the guesses to this JSON file")
     p.set_defaults(func=run_child)
     args = parser.parse_args(argv)
     if getattr(args, "baseline_tokens", 0) is None:
