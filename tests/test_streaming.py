@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -849,3 +850,33 @@ def test_the_state_table_in_the_docstring_is_the_one_enforced():
         table[getattr(expert_cache, state)] = {getattr(expert_cache, s.strip()) for s in rest.split("  ")[-1].split(",")
                                                if s.strip() != "-"}
     assert table == {k: set(v) for k, v in expert_cache.TRANSITIONS.items()}
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_embedding_faults_without_readahead(tiny_original):
+    """open_budgeted_store marks the embedding's pages MADV_RANDOM (VmFlags 'rr'); the experts' do not change."""
+    from gptoss_stream.streaming.expert_cache import open_budgeted_store
+
+    for random_embedding in (False, True):
+        ck = Checkpoint.open(tiny_original)
+        store, _ = open_budgeted_store(ck, 1 << 30, 256, 8, random_embedding=random_embedding)
+        try:
+            embedding = ck.address(ck.tensor_range("embedding.weight"))
+            expert = ck.address(ck.expert_ranges(1, 0)[0])
+            assert ("rr" in vm_flags(embedding)) == random_embedding
+            assert "rr" not in vm_flags(expert)
+        finally:
+            store.close()
+            ck.close()

@@ -405,6 +405,7 @@ VARIANTS: dict[str, dict] = {
     "io2": {"io_threads": 2},
     "borrow": {"guesses_borrow": True},  # guesses may evict other layers' entries
     "buffered": {"direct": False},       # buffered preads + FADV_DONTNEED instead of O_DIRECT
+    "readahead": {"random_embedding": False},  # embedding rows fault with the disk's readahead
 }
 
 
