@@ -175,6 +175,78 @@ def run_read(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"payload": payload, "load": load_average(), "results": results}, indent=1))
 
 
+# ---------------------------------------------------------------------------- disk
+
+
+def measure_disk(files: list[str], record_bytes: int, depths: list[int], bytes_per_depth: float,
+                 seed: int = 0) -> dict[int, float]:
+    """The disk's rate for the engine's kind of read: O_DIRECT preads of `record_bytes` at random aligned
+    offsets of the checkpoint's files, `depth` in flight at once (one thread each: os.preadv releases the
+    GIL), into pre-faulted huge-page buffers (the disk is measured, not first-touch faults). GB/s by depth."""
+    from gptoss_stream.streaming.reader import ALIGN
+
+    record_bytes = -(-record_bytes // ALIGN) * ALIGN
+    sizes = {f: os.path.getsize(f) for f in files if os.path.getsize(f) > 2 * record_bytes}
+    paths = list(sizes)
+    rng = np.random.default_rng(seed)
+    fds = {f: os.open(f, os.O_RDONLY | os.O_DIRECT) for f in paths}
+    buffers = [aligned_buffer(record_bytes, huge_pages=True) for _ in range(max(depths))]
+    for b in buffers:
+        b[::4096] = 1  # fault the pages in now
+    out: dict[int, float] = {}
+    try:
+        for depth in depths:
+            count = max(depth, int(bytes_per_depth // record_bytes))
+            jobs = []
+            for _ in range(count):
+                f = paths[int(rng.integers(len(paths)))]
+                jobs.append((fds[f], int(rng.integers((sizes[f] - record_bytes) // ALIGN)) * ALIGN))
+            lock = threading.Lock()
+            done = [0]
+
+            def work(buffer: np.ndarray) -> None:
+                while True:
+                    with lock:
+                        if done[0] >= len(jobs):
+                            return
+                        fd, offset = jobs[done[0]]
+                        done[0] += 1
+                    if os.preadv(fd, [buffer], offset) != record_bytes:
+                        raise OSError(f"short O_DIRECT read at {offset}")
+
+            threads = [threading.Thread(target=work, args=(buffers[i],)) for i in range(depth)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[depth] = count * record_bytes / (time.perf_counter() - t0) / GB
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def print_disk(files: list[str], record_bytes: int, args: argparse.Namespace) -> dict[int, float]:
+    depths = [int(d) for d in args.disk_depths.split(",")]
+    rates = measure_disk(files, record_bytes, depths, args.disk_bytes * GB)
+    print(f"# disk: O_DIRECT reads of {record_bytes / 1e6:.2f} MB (one expert record) at random offsets, "
+          f"{args.disk_bytes:g} GB per queue depth: " + ", ".join(f"qd {d} {r:.2f} GB/s" for d, r in rates.items())
+          + f"; load {load_average():.2f}", flush=True)
+    return rates
+
+
+def run_disk(args: argparse.Namespace) -> None:
+    from gptoss_stream.streaming.expert_cache import expert_slot_bytes
+
+    ck = Checkpoint.open(args.model)
+    files, record = ck.files(), expert_slot_bytes(ck)
+    ck.close()
+    rates = print_disk(files, record, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"record_bytes": record, "gb_per_s": rates}, indent=1))
+
+
 # ---------------------------------------------------------------------------- policy
 
 
@@ -493,9 +565,12 @@ def run_runs(args: argparse.Namespace) -> None:
 
     from gptoss_stream.streaming.budget import format_size, kv_cache_nbytes, parse_size
 
+    from gptoss_stream.streaming.expert_cache import expert_slot_bytes
+
     ck = Checkpoint.open(args.model)
-    cfg, files = ck.config, ck.files()
+    cfg, files, record = ck.config, ck.files(), expert_slot_bytes(ck)
     ck.close()
+    disk_rates = print_disk(files, record, args) if args.disk else {}
     env = dict(os.environ)
     env.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
@@ -560,6 +635,9 @@ def run_runs(args: argparse.Namespace) -> None:
                 "stall_ms_per_token": dec.get("stall_seconds", 0.0) / steps * 1e3,
                 "rss_anon_outside_cache": outside, "rss_anon_outside_cache_at_full_context": projected,
             })
+            if disk_rates:
+                row["disk_limit_tok_s"] = max(disk_rates.values()) * GB / max(dec["disk_read_bytes"] / steps, 1)
+                row["fraction_of_disk_limit"] = row["decode_tok_s"] / row["disk_limit_tok_s"]
             rows.append(row)
             by_mode[mode] = row
             hit = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.0%}+{row['prefetch_rate']:.0%}"
@@ -569,15 +647,25 @@ def run_runs(args: argparse.Namespace) -> None:
                   f"(outside cache {format_size(outside)}, at {args.context} ctx {format_size(projected)})  "
                   f"disk {row['disk_mb_per_token']:7.1f} MB/token (experts {row['expert_mb_per_token']:6.1f}, "
                   f"I/O busy {row['read_busy']:4.0%})  hit {hit:>7s}  guess {acc:>4s}  "
-                  f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}",
-                  flush=True)
+                  f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}"
+                  + (f"  disk limit {row['disk_limit_tok_s']:.2f} tok/s ({row['fraction_of_disk_limit']:.0%})"
+                     if disk_rates else ""), flush=True)
         print_ratios(limit_text, by_mode, args)
+    if args.disk:
+        after = print_disk(files, record, args)
+        print(f"# disk limits above use the measurement before the runs ({max(disk_rates.values()):.2f} GB/s); "
+              f"after: {max(after.values()):.2f} GB/s", flush=True)
     print(f"# load at end {load_average():.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def add_disk_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-depths", default="1,2,4,8", help="queue depths of the disk measurement (default 1,2,4,8)")
+    p.add_argument("--disk-bytes", type=float, default=1.0, help="GB read per queue depth (default 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this file")
     p.set_defaults(func=run_read)
+
+    p = sub.add_parser("disk", help="O_DIRECT reads of expert-record size at queue depths 1..8 (the disk's limit)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--json", default="", help="also write the results to this file")
+    add_disk_arguments(p)
+    p.set_defaults(func=run_disk)
 
     p = sub.add_parser("policy", help="cache replacement policies on recorded and modelled router traces")
     p.add_argument("-m", "--model", default="", help="record a trace on this checkpoint (else modelled traces only)")
@@ -627,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the checkpoint is an N-layer model's subset (make-checkpoint --layers): run each limit "
                         "as the limit that gives it the whole model's expert cache per layer (labelled LIMIT/NL)")
     p.add_argument("--trace-dir", default="", help="store variants write their router traces here (for policy)")
+    p.add_argument("--disk", action="store_true",
+                   help="measure the disk before and after the runs (as the disk mode) and report each run's decode "
+                        "as a fraction of the disk's limit: best GB/s / disk bytes read per token")
+    add_disk_arguments(p)
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.set_defaults(func=run_runs)
 
