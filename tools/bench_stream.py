@@ -303,17 +303,19 @@ def record_trace(model_dir: str, prompt_tokens: int, decode_tokens: int, seed: i
     return trace
 
 
-def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, reuse: float, seed: int) -> list[dict]:
+def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, reuse: float, seed: int,
+                   shift_every: int = 0) -> list[dict]:
     """A router with per-layer popularity ~ rank^-zipf (random rank order per layer) and temporal locality:
-    each of the previous token's experts is picked again with probability `reuse`."""
+    each of the previous token's experts is picked again with probability `reuse`. shift_every > 0: the
+    rank order is drawn again every that many tokens (a change of topic)."""
     rng = np.random.default_rng(seed)
-    popularity = []
-    for _ in range(layers):
-        p = np.arange(1, experts + 1, dtype=np.float64) ** -zipf
-        popularity.append(rng.permutation(p / p.sum()))
+    p = np.arange(1, experts + 1, dtype=np.float64) ** -zipf
+    popularity = [rng.permutation(p / p.sum()) for _ in range(layers)]
     previous: list[list[int]] = [[] for _ in range(layers)]
     out = []
-    for _ in range(tokens):
+    for token in range(tokens):
+        if shift_every and token and token % shift_every == 0:
+            popularity = [rng.permutation(p / p.sum()) for _ in range(layers)]
         for layer in range(layers):
             chosen = [e for e in previous[layer] if rng.random() < reuse][:k]
             while len(chosen) < k:
@@ -335,6 +337,7 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
     """
     reqs = [(r["layer"], r["experts"]) for r in trace if r["phase"] == "decode"]
     cache: dict[tuple[int, int], None] = {}
+    per_layer: list[set[tuple[int, int]]] = [set() for _ in range(layers)]
     last: dict[tuple[int, int], int] = {}
     count: dict[tuple[int, int], float] = {}
     hits = total = 0
@@ -371,25 +374,25 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
                 hits += 1
                 continue
             if len(cache) >= slots:
-                candidates = [c for c in cache if c not in want]
                 if policy == "belady":
-                    victim = max(candidates, key=lambda c: future[c][-1] if future[c] else 1 << 60)
+                    victim = max((c for c in cache if c not in want),
+                                 key=lambda c: future[c][-1] if future[c] else 1 << 60)
                 elif policy == "global-lru":
-                    victim = min(candidates, key=score)
-                else:
-                    counts = [0] * layers
-                    for c in cache:
-                        counts[c[0]] += 1
-                    pool = [c for c in candidates if c[0] == layer]
-                    if counts[layer] < quota or not pool:
-                        over = sorted((n for n in range(layers) if counts[n] > quota), key=lambda n: -counts[n])
+                    victim = min((c for c in cache if c not in want), key=score)
+                else:  # per-layer shares, as StreamingExpertStore._policy_victim (entries kept per layer)
+                    pool = [c for c in per_layer[layer] if c not in want]
+                    if len(per_layer[layer]) < quota or not pool:
+                        over = sorted((n for n in range(layers) if len(per_layer[n]) > quota),
+                                      key=lambda n: -len(per_layer[n]))
                         for n in over:
-                            pool = [c for c in candidates if c[0] == n]
+                            pool = [c for c in per_layer[n] if c not in want]
                             if pool:
                                 break
-                    pool = pool or candidates
+                    pool = pool or [c for c in cache if c not in want]
                     victim = min(pool, key=score)
                 del cache[victim]
+                per_layer[victim[0]].discard(victim)
+            per_layer[layer].add(key)
             cache[key] = None
     return hits / total if total else 0.0
 
@@ -428,9 +431,11 @@ def run_policy(args: argparse.Namespace) -> None:
               f"attention {guess_accuracy(recorded, 'guess_attn'):.1%}, after its MoE "
               f"{guess_accuracy(recorded, 'guess_moe'):.1%}")
     layers, experts = args.layers, args.experts
-    for zipf, reuse in ((0.0, 0.0), (0.8, 0.0), (0.0, 0.3), (0.8, 0.3), (1.2, 0.5)):
-        name = f"modelled zipf={zipf} reuse={reuse}"
-        traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed), layers, experts)
+    for zipf, reuse, shift in ((0.0, 0.0, 0), (0.8, 0.0, 0), (0.0, 0.3, 0), (0.8, 0.3, 0), (1.2, 0.5, 0),
+                               (0.8, 0.3, args.model_tokens // 4)):
+        name = f"modelled zipf={zipf} reuse={reuse}" + (f" shift/{shift}" if shift else "")
+        traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed, shift),
+                        layers, experts)
     policies = ("global-lru", "layer-lru", "layer-lfu", "layer-decay", "belady")
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"decode hit rate by policy; cache = fraction of all experts (layer-decay half-life "
