@@ -434,9 +434,11 @@ def run_policy(args: argparse.Namespace) -> None:
     for zipf, reuse, shift in ((0.0, 0.0, 0), (0.8, 0.0, 0), (0.0, 0.3, 0), (0.8, 0.3, 0), (1.2, 0.5, 0),
                                (0.8, 0.3, args.model_tokens // 4)):
         name = f"modelled zipf={zipf} reuse={reuse}" + (f" shift/{shift}" if shift else "")
+        if args.recorded_only or (args.only and not any(o in name for o in args.only.split(","))):
+            continue
         traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed, shift),
                         layers, experts)
-    policies = ("global-lru", "layer-lru", "layer-lfu", "layer-decay", "belady")
+    policies = tuple(args.policies.split(","))
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"decode hit rate by policy; cache = fraction of all experts (layer-decay half-life "
           f"{args.half_life:g} tokens)")
@@ -702,7 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=32, help="experts per layer of the modelled traces")
     p.add_argument("--model-tokens", type=int, default=400, help="tokens of each modelled trace")
     p.add_argument("--fractions", default="0.05,0.14,0.3,0.56", help="cache sizes as fractions of all experts")
-    p.add_argument("--half-life", type=float, default=64.0, help="LFU decay half-life in tokens")
+    p.add_argument("--half-life", type=float, default=64.0, help="layer-decay half-life in tokens")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only the modelled traces named so")
+    p.add_argument("--recorded-only", action="store_true", help="no modelled traces: only the recorded one")
+    p.add_argument("--policies", default="global-lru,layer-lru,layer-lfu,layer-decay,belady",
+                   help="policies to compare (default all five)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_policy)
 
