@@ -5,13 +5,17 @@ Modes:
   read    cold-cache reads of a set of experts by each method: page faults on the mapping, madvise(WILLNEED),
           MADV_POPULATE_READ, buffered pread, O_DIRECT pread (1 and 2 threads). Evicts the file from the page
           cache (posix_fadvise DONTNEED) before each method; reports payload GB/s and bytes fetched from disk.
-  policy  replays router traces (recorded from a checkpoint, or modelled) through cache policies at several
-          cache sizes: hit rates of global LRU, per-layer LRU, per-layer LFU, and Belady's optimum.
+  disk    O_DIRECT reads of one expert record's size at random offsets, queue depth 1..8: the disk's limit.
+  policy  replays router traces (recorded from a checkpoint or by `run --trace-dir`, or modelled) through
+          cache policies at several cache sizes: hit rates of global LRU, the engine's per-layer lru, lfu and
+          decay (--cache-policy), and Belady's optimum.
   run     `gptoss generate` on a checkpoint inside cgroup v1 memory limits after dropping the page cache, plus
           an --mmap-only baseline: decode/prefill tok/s, peak cgroup memory, sampled peak RssAnon, bytes read
           per token, hit rate. Both sides get the same prompt and the same --tokens, and the ratios of the
           budget run to the baseline are printed per limit from this one run. Needs root and cgroup v1
-          (/sys/fs/cgroup/memory). Valid numbers need a quiet machine.
+          (/sys/fs/cgroup/memory). Valid numbers need a quiet machine. --disk measures the disk before and
+          after and gives each run's decode as a fraction of its limit; --as-layers N runs a subset written
+          with make-checkpoint --layers at the whole N-layer model's expert cache per layer.
 
 Every mode first prints the CPU model, libgptoss's compute path and the caches.
 
@@ -19,6 +23,8 @@ Examples:
   python3 tools/bench_stream.py read -m /work/ckpt/20b --experts 32
   python3 tools/bench_stream.py policy -m /work/ckpt/20b --tokens 64
   python3 tools/bench_stream.py run -m /work/ckpt/20b --limits 16G,8G,4G,3G --tokens 32
+  python3 tools/bench_stream.py run -m /work/scratch-120b/120b-12l --as-layers 36 --limits 8G,16G --disk
+  python3 tools/bench_stream.py disk -m /work/ckpt/20b
 """
 
 from __future__ import annotations
