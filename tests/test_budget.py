@@ -8,8 +8,9 @@ from gptoss_stream.commands import cli
 from gptoss_stream.engine.kvcache import KVCache
 from gptoss_stream.system import cgroup_memory_limit
 from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, dense_nbytes, dense_ranges,
-                                            format_size, kv_cache_nbytes, parse_size, plan_memory)
-from gptoss_stream.streaming.expert_cache import record_bound
+                                            format_size, kv_cache_nbytes, parse_size, plan_memory,
+                                            planned_slot_bytes)
+from gptoss_stream.streaming.expert_cache import expert_slot_bytes, record_bound
 from gptoss_stream.weights.checkpoint import Checkpoint
 from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.layouts.base import TensorRange
@@ -63,6 +64,44 @@ def test_parts_of_the_20b_plan():
     assert plan_memory(cfg, SLOT_20B, 3 * GIB, 4096, 64).expert_slots >= plan.min_expert_slots
     # a budget beyond the whole model caps the cache at every expert
     assert plan_memory(cfg, SLOT_20B, 64 * GIB, 4096, 64).expert_slots == 768
+
+
+def test_planned_slot_matches_the_checkpoint(tiny_original):
+    # the config-only slot (for plans of models not on disk) is the checkpoint's own bound
+    with Checkpoint.open(tiny_original) as ck:
+        assert planned_slot_bytes(ck.config) == expert_slot_bytes(ck)
+    assert planned_slot_bytes(ModelConfig.preset("20b")) == SLOT_20B
+    assert planned_slot_bytes(ModelConfig.preset("120b")) == SLOT_20B  # same expert shapes, 4x as many
+
+
+def test_the_120b_plan_at_8g():
+    cfg = ModelConfig.preset("120b")
+    slot = planned_slot_bytes(cfg)
+    plan = plan_memory(cfg, slot, 8 * GIB, 4096, 64)
+    # dense bf16: 36 layers of attention + routers + biases (~1.9 GB) + unembedding 1.16 GB (+ 4096 rows)
+    assert 3.1e9 < plan.dense < 3.4e9
+    assert plan.kv_cache == kv_cache_nbytes(cfg, 4096, 64) == (18 * 4096 + 18 * 191) * 2048
+    # the rest is the expert cache, in whole records: ~4.5 GiB = 369 of 4608 experts, ~10 of 128 per layer
+    assert plan.budget - slot < plan.fixed + plan.expert_cache <= plan.budget
+    assert 360 <= plan.expert_slots <= 380 and plan.total_experts == 36 * 128
+    assert "of 4608 experts" in plan.describe() and "of 128 per layer" in plan.describe()
+    assert f"minimum {format_size(plan.minimum)}" in plan.describe()
+    # runtime + KV + everything outside the cache that is anonymous memory stays under the 600 MB target
+    assert plan.anonymous - plan.expert_cache < 600e6
+    # 16G: ~28 per layer; the whole model would need ~60 GiB of cache
+    assert 1000 <= plan_memory(cfg, slot, 16 * GIB, 4096, 64).expert_slots <= 1030
+    assert plan.everything > 60 * GIB
+
+
+def test_a_budget_too_small_for_120b_names_the_minimum():
+    cfg = ModelConfig.preset("120b")
+    slot = planned_slot_bytes(cfg)
+    minimum = plan_memory(cfg, slot, 8 * GIB, 4096, 64).minimum
+    assert 3.4 * GIB < minimum < 3.7 * GIB  # the 20b's 4G budget is not far from 120b's floor
+    assert plan_memory(cfg, slot, minimum, 4096, 64).expert_slots == 8
+    with pytest.raises(BudgetError) as e:
+        plan_memory(cfg, slot, 3 * GIB, 4096, 64)
+    assert "RAM budget 3.00 GiB is too small" in str(e.value) and f"at least {format_size(minimum)}" in str(e.value)
 
 
 def test_budget_below_minimum_names_the_minimum():

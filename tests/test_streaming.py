@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gptoss_stream.commands import cli
 from gptoss_stream.engine.model import Model
-from gptoss_stream.streaming.expert_cache import (LFU, LRU, StreamingExpertStore, expert_slot_bytes,
+from gptoss_stream.streaming.expert_cache import (DECAY, LFU, LRU, POLICIES, StreamingExpertStore, expert_slot_bytes,
                                                   open_budgeted_store, record_bound, split_expert)
 from gptoss_stream.streaming.experts import MappedExpertStore
 from gptoss_stream.streaming.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
@@ -189,7 +190,7 @@ def test_store_serves_the_mapped_bytes(tiny_original):
         assert s.bytes_read >= s.misses * ck.expert_nbytes(0, 0)
 
 
-@pytest.mark.parametrize("policy, slots", [(LFU, 8), (LRU, 8), (LFU, 1), (LFU, 32)])
+@pytest.mark.parametrize("policy, slots", [(LFU, 8), (LRU, 8), (DECAY, 8), (DECAY, 1), (DECAY, 32)])
 def test_streamed_logits_are_bit_exact(tiny_original, policy, slots):
     """Prefill chunks need up to all 8 experts of a layer: 1 slot streams them one at a time."""
     ck = Checkpoint.open(tiny_original)
@@ -257,6 +258,58 @@ def test_lfu_keeps_a_popular_expert_that_lru_drops(tiny_original):
             assert len(store.cached()) == 2 * layers
             hits[policy] = store.stats.hits
     assert hits[LFU] >= 8 and hits[LRU] == 0  # LFU learns after two returns; LRU never keeps it
+
+
+def test_each_policy_evicts_its_own_victim(tiny_original):
+    """Layer 0 holds A, B, C (its share of 3) when D comes; each policy picks a different victim:
+    B was used 31 times, 30 of them long ago (its decayed count is the smallest, ~0.5), A 20 times a little
+    earlier than B's last use (the least recently used), C twice just now (the smallest plain count).
+    lru evicts A, lfu evicts C, decay (half-life 1 token = 4 requests here) evicts B."""
+    ck = Checkpoint.open(tiny_original)
+    layers = ck.config.num_hidden_layers
+    A, B, C, D = 0, 1, 2, 3
+    victims = {}
+    for policy in POLICIES:
+        with StreamingExpertStore(ck, slots=3 * layers, policy=policy, half_life_tokens=1.0) as store:
+            for layer in range(1, layers):  # the other layers hold their share: layer 0 gets the last 3 slots
+                request_all(store, layer, [0, 1, 2])
+
+            def use(e, times=1):
+                for _ in range(times):
+                    request_all(store, 0, [e])
+
+            def idle(requests):  # time passes (requests of another layer, all hits)
+                for _ in range(requests):
+                    request_all(store, 1, [0])
+
+            use(B, 30)
+            idle(40)    # 10 half-lives: B's 30 uses decay to ~0
+            use(A, 20)
+            use(B)
+            idle(4)
+            use(C, 2)
+            assert {e for n, e in store.cached() if n == 0} == {A, B, C}
+            evictions = store.stats.evictions
+            use(D)
+            assert store.stats.evictions == evictions + 1
+            (victim,) = {A, B, C} - {e for n, e in store.cached() if n == 0}
+            victims[policy] = victim
+            store.check_invariants()
+    assert victims == {LRU: A, LFU: C, DECAY: B}
+
+
+def test_a_tie_goes_to_the_least_recently_used(tiny_original):
+    """Equal counts (lfu) or equal decayed counts (decay, used once each in a row: the later one is larger):
+    the older entry goes first."""
+    ck = Checkpoint.open(tiny_original)
+    layers = ck.config.num_hidden_layers
+    for policy in POLICIES:
+        with StreamingExpertStore(ck, slots=2 * layers, policy=policy) as store:
+            for layer in range(1, layers):
+                request_all(store, layer, [0, 1])
+            for e in (5, 6, 7):
+                request_all(store, 0, [e])
+            assert {e for n, e in store.cached() if n == 0} == {6, 7}, policy
 
 
 def test_layers_keep_their_share(tiny_original):
@@ -392,7 +445,7 @@ def test_cli_stats(tiny_original, capsys, monkeypatch):
                    "--ram-budget", "1G", "--stats", "--chunk", "8"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "[stats] plan: RAM budget 1.00 GiB" in err
+    assert "[stats] plan: RAM budget 1.00 GiB" in err and "cache policy decay" in err  # the default
     assert "[stats] decode: 2 tokens" in err and "hit rate" in err and "prediction accuracy" in err
     assert "[stats-json] {" in err
     stats = json.loads(err.split("[stats-json] ", 1)[1].splitlines()[0])
@@ -402,6 +455,13 @@ def test_cli_stats(tiny_original, capsys, monkeypatch):
                    "--mmap-only", "--stats"])
     assert rc == 0
     assert "page faults do the reading" in capsys.readouterr().err
+    for policy in POLICIES:
+        assert cli.main(["generate", "-m", str(tiny_original), "-p", "Hi", "--raw", "-n", "1", "--ram-budget", "1G",
+                         "--stats", "--cache-policy", policy]) == 0
+        assert f"cache policy {policy}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "-m", str(tiny_original), "-p", "Hi", "--cache-policy", "fifo"])
+    assert "invalid choice: 'fifo'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -790,3 +850,33 @@ def test_the_state_table_in_the_docstring_is_the_one_enforced():
         table[getattr(expert_cache, state)] = {getattr(expert_cache, s.strip()) for s in rest.split("  ")[-1].split(",")
                                                if s.strip() != "-"}
     assert table == {k: set(v) for k, v in expert_cache.TRANSITIONS.items()}
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_embedding_faults_without_readahead(tiny_original):
+    """open_budgeted_store marks the embedding's pages MADV_RANDOM (VmFlags 'rr'); the experts' do not change."""
+    from gptoss_stream.streaming.expert_cache import open_budgeted_store
+
+    for random_embedding in (False, True):
+        ck = Checkpoint.open(tiny_original)
+        store, _ = open_budgeted_store(ck, 1 << 30, 256, 8, random_embedding=random_embedding)
+        try:
+            embedding = ck.address(ck.tensor_range("embedding.weight"))
+            expert = ck.address(ck.expert_ranges(1, 0)[0])
+            assert ("rr" in vm_flags(embedding)) == random_embedding
+            assert "rr" not in vm_flags(expert)
+        finally:
+            store.close()
+            ck.close()

@@ -226,6 +226,55 @@ def test_checks_free_disk_space(micro_config, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def fake_free_space(monkeypatch, free: int) -> None:
+    """The file system of the output reports `free` bytes available (nothing else changes)."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free * 4, free * 3, free))
+
+
+def test_120b_without_the_space_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    # The full 120b needs ~65 GB; with 50 GB free the CLI names both numbers and writes nothing.
+    full = synthetic.original_nbytes(ModelConfig.preset("120b"))
+    assert 64e9 < full < 66e9
+    fake_free_space(monkeypatch, 50 * 10**9)
+    out = tmp_path / "120b"
+    assert main(["make-checkpoint", str(out), "--preset", "120b", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"needs {format_bytes(full + synthetic.DISK_MARGIN_BYTES)}" in err
+    assert f"{format_bytes(50 * 10**9)} available" in err and "36 layers x 128 experts" in err
+    assert not out.exists()
+
+
+def test_120b_subset_keeps_every_other_shape(tmp_path, monkeypatch, capsys):
+    # --layers 12 on the 120b preset: the same layers, 12 of them (23.3 GB, a third of the full model); the
+    # refused write reports the subset's own size, so nothing of 22 GB is written by the test.
+    full, subset = ModelConfig.preset("120b"), ModelConfig.preset("120b").with_overrides(num_hidden_layers=12)
+    for field in ("hidden_size", "intermediate_size", "num_experts", "experts_per_token", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "sliding_window"):
+        assert getattr(subset, field) == getattr(full, field), field
+    assert subset.layer_types == full.layer_types[:12]
+    need = synthetic.original_nbytes(subset)
+    assert 23e9 < need < 24e9
+    fake_free_space(monkeypatch, 10**9)
+    assert main(["make-checkpoint", str(tmp_path / "s"), "--preset", "120b", "--layers", "12", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "12 layers x 128 experts" in err and f"needs {format_bytes(need + synthetic.DISK_MARGIN_BYTES)}" in err
+
+
+def test_force_counts_the_files_it_replaces(micro_config, tmp_path, monkeypatch):
+    make_checkpoint(tmp_path, micro_config, "original", progress=False)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    fake_free_space(monkeypatch, synthetic.DISK_MARGIN_BYTES)  # only room once the old file is gone
+    with pytest.raises(ValueError, match="already holds"):  # not forced: that error, not the space
+        make_checkpoint(tmp_path, micro_config, "original", progress=False)
+    make_checkpoint(tmp_path, micro_config, "original", seed=3, progress=False, force=True)
+    assert (tmp_path / "model.safetensors").stat().st_size == size
+    fake_free_space(monkeypatch, 0)
+    with pytest.raises(ValueError, match="not enough disk space"):
+        make_checkpoint(tmp_path, micro_config, "both", progress=False, force=True)
+    assert (tmp_path / "model.safetensors").exists()  # a refused write deletes nothing
+
+
 def test_interrupted_write_leaves_no_file(micro_config, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = synthetic.iter_tensor

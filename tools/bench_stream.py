@@ -5,13 +5,17 @@ Modes:
   read    cold-cache reads of a set of experts by each method: page faults on the mapping, madvise(WILLNEED),
           MADV_POPULATE_READ, buffered pread, O_DIRECT pread (1 and 2 threads). Evicts the file from the page
           cache (posix_fadvise DONTNEED) before each method; reports payload GB/s and bytes fetched from disk.
-  policy  replays router traces (recorded from a checkpoint, or modelled) through cache policies at several
-          cache sizes: hit rates of global LRU, per-layer LRU, per-layer LFU, and Belady's optimum.
+  disk    O_DIRECT reads of one expert record's size at random offsets, queue depth 1..8: the disk's limit.
+  policy  replays router traces (recorded from a checkpoint or by `run --trace-dir`, or modelled) through
+          cache policies at several cache sizes: hit rates of global LRU, the engine's per-layer lru, lfu and
+          decay (--cache-policy), and Belady's optimum.
   run     `gptoss generate` on a checkpoint inside cgroup v1 memory limits after dropping the page cache, plus
           an --mmap-only baseline: decode/prefill tok/s, peak cgroup memory, sampled peak RssAnon, bytes read
           per token, hit rate. Both sides get the same prompt and the same --tokens, and the ratios of the
           budget run to the baseline are printed per limit from this one run. Needs root and cgroup v1
-          (/sys/fs/cgroup/memory). Valid numbers need a quiet machine.
+          (/sys/fs/cgroup/memory). Valid numbers need a quiet machine. --disk measures the disk before and
+          after and gives each run's decode as a fraction of its limit; --as-layers N runs a subset written
+          with make-checkpoint --layers at the whole N-layer model's expert cache per layer.
 
 Every mode first prints the CPU model, libgptoss's compute path and the caches.
 
@@ -19,6 +23,8 @@ Examples:
   python3 tools/bench_stream.py read -m /work/ckpt/20b --experts 32
   python3 tools/bench_stream.py policy -m /work/ckpt/20b --tokens 64
   python3 tools/bench_stream.py run -m /work/ckpt/20b --limits 16G,8G,4G,3G --tokens 32
+  python3 tools/bench_stream.py run -m /work/scratch-120b/120b-12l --as-layers 36 --limits 8G,16G --disk
+  python3 tools/bench_stream.py disk -m /work/ckpt/20b
 """
 
 from __future__ import annotations
@@ -175,6 +181,78 @@ def run_read(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"payload": payload, "load": load_average(), "results": results}, indent=1))
 
 
+# ---------------------------------------------------------------------------- disk
+
+
+def measure_disk(files: list[str], record_bytes: int, depths: list[int], bytes_per_depth: float,
+                 seed: int = 0) -> dict[int, float]:
+    """The disk's rate for the engine's kind of read: O_DIRECT preads of `record_bytes` at random aligned
+    offsets of the checkpoint's files, `depth` in flight at once (one thread each: os.preadv releases the
+    GIL), into pre-faulted huge-page buffers (the disk is measured, not first-touch faults). GB/s by depth."""
+    from gptoss_stream.streaming.reader import ALIGN
+
+    record_bytes = -(-record_bytes // ALIGN) * ALIGN
+    sizes = {f: os.path.getsize(f) for f in files if os.path.getsize(f) > 2 * record_bytes}
+    paths = list(sizes)
+    rng = np.random.default_rng(seed)
+    fds = {f: os.open(f, os.O_RDONLY | os.O_DIRECT) for f in paths}
+    buffers = [aligned_buffer(record_bytes, huge_pages=True) for _ in range(max(depths))]
+    for b in buffers:
+        b[::4096] = 1  # fault the pages in now
+    out: dict[int, float] = {}
+    try:
+        for depth in depths:
+            count = max(depth, int(bytes_per_depth // record_bytes))
+            jobs = []
+            for _ in range(count):
+                f = paths[int(rng.integers(len(paths)))]
+                jobs.append((fds[f], int(rng.integers((sizes[f] - record_bytes) // ALIGN)) * ALIGN))
+            lock = threading.Lock()
+            done = [0]
+
+            def work(buffer: np.ndarray) -> None:
+                while True:
+                    with lock:
+                        if done[0] >= len(jobs):
+                            return
+                        fd, offset = jobs[done[0]]
+                        done[0] += 1
+                    if os.preadv(fd, [buffer], offset) != record_bytes:
+                        raise OSError(f"short O_DIRECT read at {offset}")
+
+            threads = [threading.Thread(target=work, args=(buffers[i],)) for i in range(depth)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[depth] = count * record_bytes / (time.perf_counter() - t0) / GB
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def print_disk(files: list[str], record_bytes: int, args: argparse.Namespace) -> dict[int, float]:
+    depths = [int(d) for d in args.disk_depths.split(",")]
+    rates = measure_disk(files, record_bytes, depths, args.disk_bytes * GB)
+    print(f"# disk: O_DIRECT reads of {record_bytes / 1e6:.2f} MB (one expert record) at random offsets, "
+          f"{args.disk_bytes:g} GB per queue depth: " + ", ".join(f"qd {d} {r:.2f} GB/s" for d, r in rates.items())
+          + f"; load {load_average():.2f}", flush=True)
+    return rates
+
+
+def run_disk(args: argparse.Namespace) -> None:
+    from gptoss_stream.streaming.expert_cache import expert_slot_bytes
+
+    ck = Checkpoint.open(args.model)
+    files, record = ck.files(), expert_slot_bytes(ck)
+    ck.close()
+    rates = print_disk(files, record, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"record_bytes": record, "gb_per_s": rates}, indent=1))
+
+
 # ---------------------------------------------------------------------------- policy
 
 
@@ -231,17 +309,19 @@ def record_trace(model_dir: str, prompt_tokens: int, decode_tokens: int, seed: i
     return trace
 
 
-def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, reuse: float, seed: int) -> list[dict]:
+def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, reuse: float, seed: int,
+                   shift_every: int = 0) -> list[dict]:
     """A router with per-layer popularity ~ rank^-zipf (random rank order per layer) and temporal locality:
-    each of the previous token's experts is picked again with probability `reuse`."""
+    each of the previous token's experts is picked again with probability `reuse`. shift_every > 0: the
+    rank order is drawn again every that many tokens (a change of topic)."""
     rng = np.random.default_rng(seed)
-    popularity = []
-    for _ in range(layers):
-        p = np.arange(1, experts + 1, dtype=np.float64) ** -zipf
-        popularity.append(rng.permutation(p / p.sum()))
+    p = np.arange(1, experts + 1, dtype=np.float64) ** -zipf
+    popularity = [rng.permutation(p / p.sum()) for _ in range(layers)]
     previous: list[list[int]] = [[] for _ in range(layers)]
     out = []
-    for _ in range(tokens):
+    for token in range(tokens):
+        if shift_every and token and token % shift_every == 0:
+            popularity = [rng.permutation(p / p.sum()) for _ in range(layers)]
         for layer in range(layers):
             chosen = [e for e in previous[layer] if rng.random() < reuse][:k]
             while len(chosen) < k:
@@ -256,17 +336,19 @@ def modelled_trace(layers: int, experts: int, k: int, tokens: int, zipf: float, 
 def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_tokens: float = 64.0) -> float:
     """Hit rate of a replacement policy on the decode requests of a trace (demand reads only).
 
-    global-lru: one LRU list over all layers. layer-lru / layer-lfu: the engine's per-layer shares (a layer
-    under its share takes from the layer furthest over it) with LRU or decayed-frequency order inside.
+    global-lru: one LRU list over all layers. layer-lru / layer-lfu / layer-decay: the engine's per-layer
+    shares (a layer under its share takes from the layer furthest over it) with the engine's --cache-policy
+    lru, lfu (plain counts) or decay (counts halving every half_life_tokens) inside, ties to the older.
     belady: evict the entry whose next use is farthest (the offline optimum, global).
     """
     reqs = [(r["layer"], r["experts"]) for r in trace if r["phase"] == "decode"]
     cache: dict[tuple[int, int], None] = {}
+    per_layer: list[set[tuple[int, int]]] = [set() for _ in range(layers)]
     last: dict[tuple[int, int], int] = {}
     count: dict[tuple[int, int], float] = {}
     hits = total = 0
     quota = slots / layers
-    half = half_life_tokens * layers
+    half = math.inf if policy == "layer-lfu" else half_life_tokens * layers
     future: dict[tuple[int, int], list[int]] = {}
     if policy == "belady":
         for t, (layer, experts) in enumerate(reqs):
@@ -277,8 +359,10 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
 
     def score(key):
         if policy in ("layer-lru", "global-lru"):
-            return last[key]
-        return math.log2(count[key]) + last[key] / half
+            return (last[key], last[key])
+        if policy == "layer-lfu":
+            return (count[key], last[key])
+        return (math.log2(count[key]) + last[key] / half, last[key])
 
     for t, (layer, experts) in enumerate(reqs):
         want = {(layer, e) for e in experts}
@@ -296,25 +380,25 @@ def simulate(trace: list[dict], slots: int, layers: int, policy: str, half_life_
                 hits += 1
                 continue
             if len(cache) >= slots:
-                candidates = [c for c in cache if c not in want]
                 if policy == "belady":
-                    victim = max(candidates, key=lambda c: future[c][-1] if future[c] else 1 << 60)
+                    victim = max((c for c in cache if c not in want),
+                                 key=lambda c: future[c][-1] if future[c] else 1 << 60)
                 elif policy == "global-lru":
-                    victim = min(candidates, key=score)
-                else:
-                    counts = [0] * layers
-                    for c in cache:
-                        counts[c[0]] += 1
-                    pool = [c for c in candidates if c[0] == layer]
-                    if counts[layer] < quota or not pool:
-                        over = sorted((n for n in range(layers) if counts[n] > quota), key=lambda n: -counts[n])
+                    victim = min((c for c in cache if c not in want), key=score)
+                else:  # per-layer shares, as StreamingExpertStore._policy_victim (entries kept per layer)
+                    pool = [c for c in per_layer[layer] if c not in want]
+                    if len(per_layer[layer]) < quota or not pool:
+                        over = sorted((n for n in range(layers) if len(per_layer[n]) > quota),
+                                      key=lambda n: -len(per_layer[n]))
                         for n in over:
-                            pool = [c for c in candidates if c[0] == n]
+                            pool = [c for c in per_layer[n] if c not in want]
                             if pool:
                                 break
-                    pool = pool or candidates
+                    pool = pool or [c for c in cache if c not in want]
                     victim = min(pool, key=score)
                 del cache[victim]
+                per_layer[victim[0]].discard(victim)
+            per_layer[layer].add(key)
             cache[key] = None
     return hits / total if total else 0.0
 
@@ -330,10 +414,17 @@ def guess_accuracy(trace: list[dict], key: str) -> float:
 
 def run_policy(args: argparse.Namespace) -> None:
     traces: dict[str, tuple[list[dict], int, int]] = {}
-    if args.model:
+    loaded = json.loads(Path(args.trace).read_text()) if args.trace and Path(args.trace).exists() else None
+    if isinstance(loaded, dict):  # written by `run --trace-dir` (the engine's own requests, any store)
+        recorded = loaded["trace"]
+        traces[f"recorded ({Path(loaded['model']).name}, synthetic)"] = (recorded, loaded["layers"], loaded["experts"])
+        print(f"next-layer guess accuracy on the recorded decode: first guess {guess_accuracy(recorded, 'guess_attn'):.1%}, "
+              f"final guess {guess_accuracy(recorded, 'guess_moe'):.1%}; "
+              f"{sum(r['phase'] == 'decode' for r in recorded) // loaded['layers']} decode tokens")
+    elif args.model:
         path = Path(args.trace) if args.trace else None
-        if path and path.exists():
-            recorded = json.loads(path.read_text())
+        if loaded is not None:
+            recorded = loaded
         else:
             print(f"# recording a router trace on {args.model}: {args.prompt} prompt + {args.tokens} sampled tokens "
                   f"(load {load_average():.2f})", file=sys.stderr)
@@ -346,12 +437,16 @@ def run_policy(args: argparse.Namespace) -> None:
               f"attention {guess_accuracy(recorded, 'guess_attn'):.1%}, after its MoE "
               f"{guess_accuracy(recorded, 'guess_moe'):.1%}")
     layers, experts = args.layers, args.experts
-    for zipf, reuse in ((0.0, 0.0), (0.8, 0.0), (0.0, 0.3), (0.8, 0.3), (1.2, 0.5)):
-        name = f"modelled zipf={zipf} reuse={reuse}"
-        traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed), layers, experts)
-    policies = ("global-lru", "layer-lru", "layer-lfu", "belady")
+    for zipf, reuse, shift in ((0.0, 0.0, 0), (0.8, 0.0, 0), (0.0, 0.3, 0), (0.8, 0.3, 0), (1.2, 0.5, 0),
+                               (0.8, 0.3, args.model_tokens // 4)):
+        name = f"modelled zipf={zipf} reuse={reuse}" + (f" shift/{shift}" if shift else "")
+        if args.recorded_only or (args.only and not any(o in name for o in args.only.split(","))):
+            continue
+        traces[name] = (modelled_trace(layers, experts, 4, args.model_tokens, zipf, reuse, args.seed, shift),
+                        layers, experts)
+    policies = tuple(args.policies.split(","))
     fractions = [float(f) for f in args.fractions.split(",")]
-    print(f"decode hit rate by policy; cache = fraction of all experts (per-layer LFU half-life "
+    print(f"decode hit rate by policy; cache = fraction of all experts (layer-decay half-life "
           f"{args.half_life:g} tokens)")
     print(f"{'trace':36s} {'cache':>6s} " + " ".join(f"{p:>11s}" for p in policies))
     for name, (trace, n_layers, n_experts) in traces.items():
@@ -390,9 +485,12 @@ VARIANTS: dict[str, dict] = {
     "default": {},                       # what --ram-budget does
     "no-prefetch": {"prefetch": False},  # demand reads only
     "lru": {"policy": "lru"},
+    "lfu": {"policy": "lfu"},
+    "decay": {"policy": "decay"},
     "io2": {"io_threads": 2},
     "borrow": {"guesses_borrow": True},  # guesses may evict other layers' entries
     "buffered": {"direct": False},       # buffered preads + FADV_DONTNEED instead of O_DIRECT
+    "readahead": {"random_embedding": False},  # embedding rows fault with the disk's readahead
 }
 
 
@@ -407,13 +505,45 @@ def run_child(args: argparse.Namespace) -> None:
 
     ck = Checkpoint.open(args.model)
     store, plan = open_budgeted_store(ck, args.budget, args.context, args.chunk, **VARIANTS[args.variant])
-    print(f"[stats] plan: {plan.describe()}", file=sys.stderr)
-    model = Model(ck, max_chunk=args.chunk, expert_store=store, num_threads=args.threads)
+    print(f"[stats] plan: {plan.describe()}; cache policy {store.policy}", file=sys.stderr)
     prompt = get_tokenizer().encode(PROMPT, allow_special=True)
+    trace = record_requests(store, -(-len(prompt) // args.chunk)) if args.trace else None
+    model = Model(ck, max_chunk=args.chunk, expert_store=store, num_threads=args.threads)
     result = generate(model, prompt, args.tokens, Sampler(SamplingParams(temperature=1.0, seed=0)),
                       context_length=args.context)
     print(report(result, plan), file=sys.stderr)
     store.close()
+    if trace is not None:
+        cfg = ck.config
+        Path(args.trace).write_text(json.dumps({"layers": cfg.num_hidden_layers, "experts": cfg.num_experts,
+                                                "model": args.model, "trace": trace}))
+
+
+def record_requests(store, prefill_forwards: int) -> list[dict]:
+    """Log the store's requests (the router's experts) and the guesses before each (the first, from the
+    residual after the previous layer's attention; the last, after its MoE), in the trace format of
+    record_trace. Phases: the first `prefill_forwards` forwards are the prompt's chunks, the rest decode."""
+    trace: list[dict] = []
+    guesses: dict[int, list[list[int]]] = {}
+    request, prefetch = store.request, store.prefetch
+    seen_layer0 = [0]
+
+    def logged_request(layer, experts):
+        experts = [int(e) for e in experts]
+        if layer == 0:
+            seen_layer0[0] += 1
+        g = guesses.pop(layer, [])
+        trace.append({"phase": "prefill" if seen_layer0[0] <= prefill_forwards else "decode", "layer": layer, "experts": experts,
+                      "guess_attn": g[0] if g else None, "guess_moe": g[-1] if g else None})
+        return request(layer, experts)
+
+    def logged_prefetch(layer, experts):
+        experts = [int(e) for e in experts]
+        guesses.setdefault(layer, []).append(experts)
+        return prefetch(layer, experts)
+
+    store.request, store.prefetch = logged_request, logged_prefetch
+    return trace
 
 
 def print_ratios(limit_text: str, by_mode: dict[str, dict], args: argparse.Namespace) -> None:
@@ -430,14 +560,30 @@ def print_ratios(limit_text: str, by_mode: dict[str, dict], args: argparse.Names
           f"each, this run)", flush=True)
 
 
+def equivalent_limit(cfg, layers: int, limit: int, context: int, chunk: int) -> int:
+    """The memory limit at which a subset of a model (cfg: the same shapes, fewer layers) gets the expert
+    cache per layer that the whole model (`layers` layers) gets at `limit`: each layer then sees the hit
+    rate, reads and prefetch it would in the whole model, and per-layer costs scale to it."""
+    from gptoss_stream.streaming.budget import plan_memory, planned_slot_bytes
+
+    slot = planned_slot_bytes(cfg)
+    full = plan_memory(cfg.with_overrides(num_hidden_layers=layers), slot, limit, context, chunk)
+    slots = round(full.expert_slots / layers * cfg.num_hidden_layers)
+    sub = plan_memory(cfg, slot, 1 << 50, context, chunk)
+    return sub.fixed + max(slots, sub.min_expert_slots) * slot
+
+
 def run_runs(args: argparse.Namespace) -> None:
     from cgroup_run import run_in_memory_cgroup
 
     from gptoss_stream.streaming.budget import format_size, kv_cache_nbytes, parse_size
 
+    from gptoss_stream.streaming.expert_cache import expert_slot_bytes
+
     ck = Checkpoint.open(args.model)
-    cfg, files = ck.config, ck.files()
+    cfg, files, record = ck.config, ck.files(), expert_slot_bytes(ck)
     ck.close()
+    disk_rates = print_disk(files, record, args) if args.disk else {}
     env = dict(os.environ)
     env.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
@@ -453,15 +599,22 @@ def run_runs(args: argparse.Namespace) -> None:
           flush=True)
     for limit_text in args.limits.split(","):
         limit = parse_size(limit_text)
+        if args.as_layers:
+            limit = equivalent_limit(cfg, args.as_layers, limit, args.context, args.chunk)
+            print(f"# {limit_text} for {args.as_layers} layers = the same expert cache per layer on these "
+                  f"{cfg.num_hidden_layers}: limit {format_size(limit)} ({limit} bytes)", flush=True)
+            limit_text = f"{limit_text}/{args.as_layers}L"
         by_mode = {}
         for mode in modes:
             tokens = args.baseline_tokens if mode == "mmap-only" else args.tokens
             if mode in ("budget", "mmap-only"):
-                cmd = base + ["-n", str(tokens)] + (["--ram-budget", limit_text] if mode == "budget" else ["--mmap-only"])
+                cmd = base + ["-n", str(tokens)] + (["--ram-budget", str(limit)] if mode == "budget" else ["--mmap-only"])
             elif mode in VARIANTS:
-                cmd = [sys.executable, __file__, "child", "-m", args.model, "--budget", limit_text, "--tokens",
+                cmd = [sys.executable, __file__, "child", "-m", args.model, "--budget", str(limit), "--tokens",
                        str(tokens), "--context", str(args.context), "--chunk", str(args.chunk), "--variant", mode,
                        "--threads", str(args.threads)]
+                if args.trace_dir:
+                    cmd += ["--trace", str(Path(args.trace_dir) / f"trace-{limit_text.replace('/', '-')}-{mode}.json")]
             else:
                 raise SystemExit(f"unknown mode {mode!r}: budget, mmap-only or one of {', '.join(VARIANTS)}")
             load = load_average()
@@ -495,6 +648,9 @@ def run_runs(args: argparse.Namespace) -> None:
                 "stall_ms_per_token": dec.get("stall_seconds", 0.0) / steps * 1e3,
                 "rss_anon_outside_cache": outside, "rss_anon_outside_cache_at_full_context": projected,
             })
+            if disk_rates:
+                row["disk_limit_tok_s"] = max(disk_rates.values()) * GB / max(dec["disk_read_bytes"] / steps, 1)
+                row["fraction_of_disk_limit"] = row["decode_tok_s"] / row["disk_limit_tok_s"]
             rows.append(row)
             by_mode[mode] = row
             hit = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.0%}+{row['prefetch_rate']:.0%}"
@@ -504,15 +660,25 @@ def run_runs(args: argparse.Namespace) -> None:
                   f"(outside cache {format_size(outside)}, at {args.context} ctx {format_size(projected)})  "
                   f"disk {row['disk_mb_per_token']:7.1f} MB/token (experts {row['expert_mb_per_token']:6.1f}, "
                   f"I/O busy {row['read_busy']:4.0%})  hit {hit:>7s}  guess {acc:>4s}  "
-                  f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}",
-                  flush=True)
+                  f"stall {row['stall_ms_per_token']:6.1f} ms/token  limit hit {r.failcnt}x  load {load:.2f}"
+                  + (f"  disk limit {row['disk_limit_tok_s']:.2f} tok/s ({row['fraction_of_disk_limit']:.0%})"
+                     if disk_rates else ""), flush=True)
         print_ratios(limit_text, by_mode, args)
+    if args.disk:
+        after = print_disk(files, record, args)
+        print(f"# disk limits above use the measurement before the runs ({max(disk_rates.values()):.2f} GB/s); "
+              f"after: {max(after.values()):.2f} GB/s", flush=True)
     print(f"# load at end {load_average():.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 # ---------------------------------------------------------------------------- main
+
+
+def add_disk_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-depths", default="1,2,4,8", help="queue depths of the disk measurement (default 1,2,4,8)")
+    p.add_argument("--disk-bytes", type=float, default=1.0, help="GB read per queue depth (default 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,6 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the results to this file")
     p.set_defaults(func=run_read)
 
+    p = sub.add_parser("disk", help="O_DIRECT reads of expert-record size at queue depths 1..8 (the disk's limit)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--json", default="", help="also write the results to this file")
+    add_disk_arguments(p)
+    p.set_defaults(func=run_disk)
+
     p = sub.add_parser("policy", help="cache replacement policies on recorded and modelled router traces")
     p.add_argument("-m", "--model", default="", help="record a trace on this checkpoint (else modelled traces only)")
     p.add_argument("--trace", default="", help="JSON file: reuse the trace recorded there, or save it there")
@@ -538,7 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=32, help="experts per layer of the modelled traces")
     p.add_argument("--model-tokens", type=int, default=400, help="tokens of each modelled trace")
     p.add_argument("--fractions", default="0.05,0.14,0.3,0.56", help="cache sizes as fractions of all experts")
-    p.add_argument("--half-life", type=float, default=64.0, help="LFU decay half-life in tokens")
+    p.add_argument("--half-life", type=float, default=64.0, help="layer-decay half-life in tokens")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only the modelled traces named so")
+    p.add_argument("--recorded-only", action="store_true", help="no modelled traces: only the recorded one")
+    p.add_argument("--policies", default="global-lru,layer-lru,layer-lfu,layer-decay,belady",
+                   help="policies to compare (default all five)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_policy)
 
@@ -558,6 +734,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each run: drop the whole page cache (default, as measured runs need) or only "
                         "evict the checkpoint's files (gentler on a shared machine)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
+    p.add_argument("--as-layers", type=int, default=0, metavar="N",
+                   help="the checkpoint is an N-layer model's subset (make-checkpoint --layers): run each limit "
+                        "as the limit that gives it the whole model's expert cache per layer (labelled LIMIT/NL)")
+    p.add_argument("--trace-dir", default="", help="store variants write their router traces here (for policy)")
+    p.add_argument("--disk", action="store_true",
+                   help="measure the disk before and after the runs (as the disk mode) and report each run's decode "
+                        "as a fraction of the disk's limit: best GB/s / disk bytes read per token")
+    add_disk_arguments(p)
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.set_defaults(func=run_runs)
 
@@ -569,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--trace", default="", help="write the router's requests and the guesses to this JSON file")
     p.set_defaults(func=run_child)
     args = parser.parse_args(argv)
     if getattr(args, "baseline_tokens", 0) is None:

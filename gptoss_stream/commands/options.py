@@ -8,6 +8,7 @@ import sys
 
 from gptoss_stream.errors import InputError
 from gptoss_stream.streaming.budget import size_argument
+from gptoss_stream.streaming.expert_cache import DEFAULT_POLICY as DEFAULT_CACHE_POLICY, POLICIES as CACHE_POLICIES
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +31,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     memory.add_argument("--mmap-only", action="store_true",
                         help="no expert cache: use the mapped checkpoint as it is and let page faults read "
                              "the experts (the baseline --ram-budget is measured against)")
+    p.add_argument("--cache-policy", choices=CACHE_POLICIES, default=DEFAULT_CACHE_POLICY,
+                   help="which experts the expert cache keeps, within each layer's share: decay = use counts "
+                        "that halve every 64 tokens (default), lfu = use counts since the start, lru = the most "
+                        "recently used; measure yours with --stats (cache hit rate); no effect with --mmap-only")
     p.add_argument("--stats", action="store_true",
                    help="print the memory plan and, per phase, disk bytes read per token, expert cache hit "
                         "rate, prefetch accuracy and I/O stall time (stderr)")
-
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,9 +69,10 @@ def open_model(args: argparse.Namespace):
                                                                                    args.chunk)):
             from gptoss_stream.streaming.expert_cache import open_budgeted_store
 
-            store, args.plan = open_budgeted_store(checkpoint, args.ram_budget, args.context, args.chunk)
+            store, args.plan = open_budgeted_store(checkpoint, args.ram_budget, args.context, args.chunk,
+                                                   policy=getattr(args, "cache_policy", DEFAULT_CACHE_POLICY))
             if args.stats:
-                print(f"[stats] plan: {args.plan.describe()}", file=sys.stderr)
+                print(f"[stats] plan: {args.plan.describe()}; cache policy {store.policy}", file=sys.stderr)
         return Model(checkpoint, max_chunk=args.chunk, num_threads=args.threads, expert_store=store)
     except BaseException:
         if store is not None:

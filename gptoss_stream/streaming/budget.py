@@ -112,13 +112,17 @@ class MemoryPlan:
         """The part that is process memory (RssAnon) rather than page cache."""
         return self.runtime + self.kv_cache + self.scratch + self.expert_cache
 
+    layers: int = 1      # the model's layers (the cache's per-layer share in describe())
+
     def describe(self) -> str:
         share = self.expert_slots / self.total_experts if self.total_experts else 0.0
+        per_layer = self.total_experts // max(self.layers, 1)
         return (f"RAM budget {format_size(self.budget)}: runtime {format_size(self.runtime)}, dense weights "
                 f"(page cache) {format_size(self.dense)}, KV cache {format_size(self.kv_cache)}, scratch "
                 f"{format_size(self.scratch)}, reserve {format_size(self.reserve)}, expert cache "
                 f"{format_size(self.expert_cache)} = {self.expert_slots} of {self.total_experts} experts "
-                f"({share:.0%})")
+                f"({share:.0%}, {self.expert_slots / max(self.layers, 1):.1f} of {per_layer} per layer); "
+                f"minimum {format_size(self.minimum)}, every expert cached from {format_size(self.everything)}")
 
 
 def _is_streamed(name: str) -> bool:
@@ -167,6 +171,22 @@ def dense_ranges(checkpoint) -> list[TensorRange]:
     return merged
 
 
+def planned_slot_bytes(config: ModelConfig, page: int = 4096) -> int:
+    """One expert cache slot from the config alone (no checkpoint): the streamed pieces of an expert in the
+    published layouts, each rounded up to whole pages plus one page for any alignment in the file; the same
+    bound as expert_cache.expert_slot_bytes on a checkpoint of these shapes (tests check they agree), so a
+    plan for a model that is not on disk (120b) matches the one its checkpoint will get."""
+    total = 0
+    for name, (dtype, shape) in original_tensors(config).items():
+        if not name.startswith("block.0.") or not _is_streamed(name):
+            continue
+        nbytes = 2 if dtype == "BF16" else 1
+        for d in shape[1:]:  # one expert: the tensors' leading axis is the expert
+            nbytes *= d
+        total += -(-nbytes // page) * page + page
+    return total
+
+
 def kv_cache_nbytes(config: ModelConfig, context_length: int, max_chunk: int) -> int:
     """Bytes of kvcache.KVCache(config, context_length, max_chunk) once every position is written."""
     row = 2 * config.num_key_value_heads * config.head_dim * 2  # keys + values, bf16
@@ -192,7 +212,7 @@ def plan_memory(config: ModelConfig, slot_bytes: int, budget: int, context_lengt
         budget=budget, runtime=runtime, dense=dense_nbytes(config, context_length),
         kv_cache=kv_cache_nbytes(config, context_length, max_chunk), scratch=scratch_nbytes(config, max_chunk),
         reserve=reserve, slot_bytes=slot_bytes, expert_slots=0, min_expert_slots=min_slots,
-        total_experts=total_experts,
+        total_experts=total_experts, layers=config.num_hidden_layers,
     )
     slots = min(total_experts, max(0, budget - plan.fixed) // slot_bytes)
     if slots < min_slots:

@@ -10,9 +10,11 @@ Replacement (docs/streaming.md has the measurements behind each choice):
 - Per-layer quotas. Decode visits layers 0..L-1 cyclically; a global LRU over that cycle evicts every expert
   just before its layer comes round again once the cache is smaller than one token's working set, so it
   scores close to zero. Each layer keeps a fair share (slots / L) and evicts within its own share.
-- Within a layer: LFU with exponential decay (default) or LRU. On a uniformly random router every policy
-  scores share/E; real routers are skewed (a few experts per layer take a large share of tokens) and
-  frequency keeps those; the decay (half-life in tokens) lets the core follow a change of topic.
+- Within a layer, one of three policies (`--cache-policy`): "decay" (default), frequency with exponential
+  decay (half-life in tokens); "lfu", plain use counts since the start; "lru", the least recently used. On
+  a uniformly random router every policy scores share/E; real routers are skewed (a few experts per layer
+  take a large share of tokens) and frequency keeps those; the decay lets the core follow a change of topic
+  that plain LFU's old counts would resist. Ties go to the least recently used.
 - Guesses that the router did not take, and failed reads, go first; entries in use or being read for the
   model are never evicted.
 
@@ -40,8 +42,9 @@ from gptoss_stream.streaming.reader import ALIGN, DEMAND, PREFETCH, FileReader, 
     RecordLayout, aligned_buffer, plan_record, unmap
 from gptoss_stream.weights.layouts.base import EXPERT_PIECES, MAPPED_EXPERT_PIECES, ExpertWeights, TensorRange
 
-LFU, LRU = "lfu", "lru"
-POLICIES = (LFU, LRU)
+LFU, LRU, DECAY = "lfu", "lru", "decay"
+POLICIES = (LFU, LRU, DECAY)
+DEFAULT_POLICY = DECAY
 DEFAULT_HALF_LIFE_TOKENS = 64.0
 
 @dataclass
@@ -220,7 +223,7 @@ class StreamingExpertStore:
 
     prefetches = True
 
-    def __init__(self, checkpoint, slots: int, policy: str = LFU, direct: bool | None = None,
+    def __init__(self, checkpoint, slots: int, policy: str = DEFAULT_POLICY, direct: bool | None = None,
                  half_life_tokens: float = DEFAULT_HALF_LIFE_TOKENS, prefetch: bool = True, io_threads: int = 1,
                  guesses_borrow: bool = False):
         cfg = checkpoint.config
@@ -247,7 +250,8 @@ class StreamingExpertStore:
         self._closed = False
         # replacement bookkeeping, per (layer, expert), resident or not
         self._tick = 0
-        self._half_life = max(half_life_tokens, 1e-9) * self.num_layers  # in requests (one per layer visit)
+        # in requests (one per layer visit); plain LFU never decays
+        self._half_life = math.inf if policy == LFU else max(half_life_tokens, 1e-9) * self.num_layers
         self._last_use = [[-1] * self.num_experts for _ in range(self.num_layers)]
         self._count = [[0.0] * self.num_experts for _ in range(self.num_layers)]
         self.prefetches = prefetch  # False: the model makes no guesses (for measuring what they bring)
@@ -488,13 +492,17 @@ class StreamingExpertStore:
             self._count[layer][e] = 1.0
         self._last_use[layer][e] = self._tick
 
-    def _score(self, entry: _Entry) -> float:
-        """Lower is evicted first."""
+    def _score(self, entry: _Entry) -> tuple[float, int]:
+        """Lower is evicted first; ties (and never-requested entries, -inf) by least recent use."""
         last = self._last_use[entry.layer][entry.expert]
-        if self.policy == LRU or last < 0:
-            return float(last)
+        if last < 0:
+            return (-math.inf, last)
+        if self.policy == LRU:
+            return (float(last), last)
+        if self.policy == LFU:
+            return (self._count[entry.layer][entry.expert], last)
         # log2 of the decayed count, shifted by a term common to all keys: comparable across ticks
-        return math.log2(self._count[entry.layer][entry.expert]) + last / self._half_life
+        return (math.log2(self._count[entry.layer][entry.expert]) + last / self._half_life, last)
 
     def _take_slot(self, layer: int, consumer: bool, current: int | None = None,
                    guess: set[int] | None = None) -> int | None:
@@ -701,10 +709,37 @@ class StreamingExpertStore:
         self.close()
 
 
-def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max_chunk: int, **options):
+MADV_RANDOM = 1  # linux/mman.h
+
+
+def advise_random(checkpoint, name: str = "embedding.weight") -> bool:
+    """madvise(MADV_RANDOM) on the mapped pages of one tensor: no readahead when they fault.
+
+    A token reads one row of the embedding (5.6 KB on gpt-oss), but a fault on a mapping pulls in the
+    file's readahead around it (read_ahead_kb: 8 MiB on this machine class): ~8 MB of disk and of page cache
+    per new token, in a cgroup competing with the dense weights. False where the layout stores the tensor
+    elsewhere or the call fails (it is advice: nothing else changes)."""
+    import ctypes
+    import mmap
+
+    try:
+        r = checkpoint.tensor_range(name)
+        start = checkpoint.address(r)
+    except (ValueError, KeyError):
+        return False
+    page = mmap.PAGESIZE
+    first = start - start % page
+    end = -(-(start + r.nbytes) // page) * page  # whole pages: a neighbour's page at either end loses readahead too
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(first, end - first, MADV_RANDOM) == 0
+
+
+def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max_chunk: int,
+                        random_embedding: bool = True, **options):
     """Plan `budget` bytes (None: what this machine or cgroup has available) and open a store with the
     expert cache the plan leaves (options go to StreamingExpertStore); BudgetError naming the minimum
-    before anything is read."""
+    before anything is read. random_embedding: the embedding's rows fault without readahead (advise_random)."""
     from gptoss_stream.streaming.budget import dense_ranges, plan_memory
     from gptoss_stream.system import available_memory
 
@@ -714,4 +749,6 @@ def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max
     store = StreamingExpertStore(checkpoint, plan.expert_slots, **options)
     # The plan keeps the dense weights in the page cache: fill it with large reads now instead of page faults.
     store.prefault_dense(dense_ranges(checkpoint))
+    if random_embedding:
+        advise_random(checkpoint)
     return store, plan

@@ -57,6 +57,7 @@ from gptoss_stream.weights.safetensors_file import tensor_nbytes, write_header, 
 
 GEN_UNIT_BYTES = 16 << 20
 DEFAULT_MAX_SHARD_BYTES = 4_800_000_000  # what transformers' gpt-oss conversion used for the published repos
+DISK_MARGIN_BYTES = 16 << 20  # config.json, the HF index, file-system blocks: never more than this
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses shards without it
 
 EMBED_STD = 1.0
@@ -318,16 +319,30 @@ def write_hf(out_dir: Path, cfg: ModelConfig, seed: int, max_shard_bytes: int = 
     return out_dir
 
 
-def _clear_outputs(d: Path, force: bool) -> None:
-    """Refuse to mix with an existing checkpoint unless forced; with force remove only our file kinds."""
-    if not d.exists():
-        return
-    ours = [p for p in d.iterdir() if p.name in ("config.json", HF_INDEX) or p.name.endswith(".safetensors")
+def _our_files(d: Path) -> list[Path]:
+    if not d.is_dir():
+        return []
+    return [p for p in d.iterdir() if p.name in ("config.json", HF_INDEX) or p.name.endswith(".safetensors")
             or p.name.endswith(".safetensors.partial")]
-    if ours and not force:
-        raise InputError(f"{d}: already holds {ours[0].name} (use --force to overwrite)")
-    for p in ours:
-        p.unlink()
+
+
+def check_disk_space(out: Path, cfg: ModelConfig, formats: list[str], targets: list[Path], force: bool) -> None:
+    """InputError before anything is written if the file system of `out` cannot hold the checkpoint.
+
+    Counts what --force would delete first as free, so rewriting a checkpoint in place on a nearly full disk
+    works; the margin covers config.json, the HF index and the file system's own blocks."""
+    need = original_nbytes(cfg) * len(formats) + DISK_MARGIN_BYTES
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if force:
+        free += sum(p.stat().st_size for d in set(targets) for p in _our_files(d))
+    if need > free:
+        raise InputError(
+            f"{out}: not enough disk space: this checkpoint ({cfg.num_hidden_layers} layers x {cfg.num_experts} "
+            f"experts, {' + '.join(formats)}) needs {format_bytes(need)}, {format_bytes(free)} available "
+            f"(fewer --layers writes a smaller, same-shaped subset)")
 
 
 def make_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, format: str = "original", seed: int = 0,
@@ -350,15 +365,16 @@ def make_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, format: str = 
     out = Path(out_dir)
     targets = {"original": out, "hf": out} if format != "both" else {"original": out / "original", "hf": out / "hf"}
     formats = ["original", "hf"] if format == "both" else [format]
-    need = original_nbytes(cfg) * len(formats)
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if need > free:
-        raise InputError(f"{out}: need {format_bytes(need)} but only {format_bytes(free)} is free")
+    # Refuse to mix with an existing checkpoint unless forced; with force remove only our file kinds, and
+    # only once the disk is known to hold the new one.
     for fmt in formats:
-        _clear_outputs(targets[fmt], force)
+        ours = _our_files(targets[fmt])
+        if ours and not force:
+            raise InputError(f"{targets[fmt]}: already holds {ours[0].name} (use --force to overwrite)")
+    check_disk_space(out, cfg, formats, [targets[fmt] for fmt in formats], force)
+    for fmt in formats:
+        for p in _our_files(targets[fmt]):
+            p.unlink()
     written: dict[str, Path] = {}
     for fmt in formats:
         if fmt == "original":
