@@ -221,6 +221,8 @@ class Model:
         to the current residual (after this layer's attention) usually pick the same experts. Only guesses:
         nothing here touches the activations of the forward pass.
         """
+        # The router kernel directly, not self.route(): callers that replace route() to force or record the
+        # routing of the forward pass must not see (or spend) these guesses.
         w, s, m = self.layers[layer], self.state, x.shape[0]
         indices, _ = kernels.moe_route(x, w.mlp_norm, self.config.rms_norm_eps, w.gate_weight, w.gate_bias,
                                        self.config.experts_per_token, t=s.guess_t[:m], logits=s.guess_router[:m])
