@@ -7,7 +7,7 @@ import pytest
 from gptoss_stream.commands import cli
 from gptoss_stream.engine.kvcache import KVCache
 from gptoss_stream.system import cgroup_memory_limit
-from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, dense_nbytes, dense_ranges,
+from gptoss_stream.streaming.budget import (GIB, MIB, BudgetError, dense_nbytes, dense_ranges, longest_context,
                                             format_size, kv_cache_nbytes, parse_size, plan_memory,
                                             planned_slot_bytes)
 from gptoss_stream.streaming.expert_cache import expert_slot_bytes, record_bound
@@ -114,6 +114,27 @@ def test_budget_below_minimum_names_the_minimum():
         plan_memory(cfg, SLOT_20B, 1 * GIB, 4096, 64)
     # a shorter context needs less (KV cache)
     assert plan_memory(cfg, SLOT_20B, 4 * GIB, 1024, 64).minimum < minimum
+
+
+def test_a_long_context_counts_its_kv_cache_and_the_refusal_names_a_context_that_fits():
+    cfg = ModelConfig.preset("20b")
+    short, full = plan_memory(cfg, SLOT_20B, 8 * GIB, 4096, 64), plan_memory(cfg, SLOT_20B, 8 * GIB, 131072, 64)
+    # the 12 full-attention layers keep every position: 131072 x 2 x 8 kv heads x 64 x bf16 x 12 = 3 GiB
+    assert full.kv_cache - short.kv_cache == 12 * (131072 - 4096) * 2 * 8 * 64 * 2
+    assert full.expert_slots < short.expert_slots
+    with pytest.raises(BudgetError) as e:
+        plan_memory(cfg, SLOT_20B, 4 * GIB, 131072, 64)
+    longest = longest_context(cfg, SLOT_20B, 4 * GIB, 64)
+    assert f"--context {longest} is the longest that fits" in str(e.value)
+    # the hint is exact: that context plans, one more token does not
+    assert plan_memory(cfg, SLOT_20B, 4 * GIB, longest, 64).expert_slots == 8
+    with pytest.raises(BudgetError):
+        plan_memory(cfg, SLOT_20B, 4 * GIB, longest + 1, 64)
+    assert 4096 < longest < 131072
+    # a budget no context fits says so
+    with pytest.raises(BudgetError, match="no --context fits"):
+        plan_memory(cfg, SLOT_20B, 1 * GIB, 4096, 64)
+    assert longest_context(cfg, SLOT_20B, 16 * GIB, 64) == cfg.max_context
 
 
 def test_dense_ranges_cover_the_dense_weights_once(tiny_original):

@@ -200,26 +200,54 @@ def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:
     return RunState.allocate(config, max_chunk).nbytes + LOGIT_COPIES * config.vocab_size * 4
 
 
-def plan_memory(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
-                runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> MemoryPlan:
-    """Split `budget` (bytes); BudgetError naming the minimum if it cannot hold the fixed parts and the
-    minimum expert cache."""
-    if budget <= 0:
-        raise BudgetError(f"RAM budget must be positive, got {budget}")
+def _plan_parts(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
+                runtime: int, reserve: int) -> MemoryPlan:
     total_experts = config.num_hidden_layers * config.num_experts
-    min_slots = min(total_experts, MIN_PREFETCH_LAYERS * config.experts_per_token)
-    plan = MemoryPlan(
+    return MemoryPlan(
         budget=budget, runtime=runtime, dense=dense_nbytes(config, context_length),
         kv_cache=kv_cache_nbytes(config, context_length, max_chunk), scratch=scratch_nbytes(config, max_chunk),
-        reserve=reserve, slot_bytes=slot_bytes, expert_slots=0, min_expert_slots=min_slots,
+        reserve=reserve, slot_bytes=slot_bytes, expert_slots=0,
+        min_expert_slots=min(total_experts, MIN_PREFETCH_LAYERS * config.experts_per_token),
         total_experts=total_experts, layers=config.num_hidden_layers,
     )
-    slots = min(total_experts, max(0, budget - plan.fixed) // slot_bytes)
-    if slots < min_slots:
+
+
+def longest_context(config: ModelConfig, slot_bytes: int, budget: int, max_chunk: int,
+                    runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> int:
+    """The longest context (tokens, at most config.max_context) whose plan fits in `budget`; 0 if none does.
+
+    The minimum grows with the context (full-attention layers keep every position's keys and values, and the
+    embedding rows the plan counts follow it), so a bisection finds the largest that fits."""
+    def fits(context: int) -> bool:
+        return _plan_parts(config, slot_bytes, budget, context, max_chunk, runtime, reserve).minimum <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, config.max_context  # fits(lo) holds; find the largest such
+    if fits(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def plan_memory(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
+                runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> MemoryPlan:
+    """Split `budget` (bytes); BudgetError naming the minimum (and the longest context that would fit) if it
+    cannot hold the fixed parts and the minimum expert cache."""
+    if budget <= 0:
+        raise BudgetError(f"RAM budget must be positive, got {budget}")
+    plan = _plan_parts(config, slot_bytes, budget, context_length, max_chunk, runtime, reserve)
+    slots = min(plan.total_experts, max(0, budget - plan.fixed) // slot_bytes)
+    if slots < plan.min_expert_slots:
+        longest = longest_context(config, slot_bytes, budget, max_chunk, runtime, reserve)
+        hint = (f"at this budget --context {longest} is the longest that fits" if longest
+                else "no --context fits this budget")
         raise BudgetError(
             f"RAM budget {format_size(budget)} is too small for this model at context {context_length}: "
             f"it needs at least {format_size(plan.minimum)} (runtime {format_size(plan.runtime)} + dense weights "
             f"{format_size(plan.dense)} + KV cache {format_size(plan.kv_cache)} + scratch "
-            f"{format_size(plan.scratch)} + reserve {format_size(plan.reserve)} + {min_slots} expert records of "
-            f"{format_size(slot_bytes)}); a shorter --context lowers the KV cache part")
+            f"{format_size(plan.scratch)} + reserve {format_size(plan.reserve)} + {plan.min_expert_slots} expert "
+            f"records of {format_size(slot_bytes)}); {hint}")
     return MemoryPlan(**{**plan.__dict__, "expert_slots": slots})
