@@ -146,6 +146,14 @@ class ServeProcess:
                 return int(line.split()[1])
         raise RuntimeError("no RssAnon in /proc/PID/status")
 
+    def open_fds_and_threads(self) -> tuple[int, int]:
+        """The server process's open file descriptors and threads (/proc): a leak of either grows them."""
+        fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return fds, int(line.split()[1])
+        raise RuntimeError("no Threads in /proc/PID/status")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
