@@ -330,8 +330,10 @@ static int get_tile_primitives(const matmul_key *full_key, const matmul_key *las
 
 /* Rows [r0, r1) of W, widened to fp32 into out ([r1 - r0, k]). */
 typedef struct {
-    const gptoss_bf16 *bf16;                /* W [n, k] bf16, or NULL for MXFP4 */
+    const gptoss_bf16 *bf16;                /* W [n, k] bf16, or NULL for MXFP4 / q8 */
     const uint8_t *blocks, *scales;         /* W [n, k] MXFP4 */
+    const int8_t *q8;                       /* W [n, k] q8 (q8.c), with its fp16 scales [n, k / 32] */
+    const uint16_t *q8_scales;
 } weights_ref;
 
 static void widen_weight_rows(const weights_ref *w, size_t k, size_t r0, size_t r1, float *out) {
@@ -339,6 +341,10 @@ static void widen_weight_rows(const weights_ref *w, size_t k, size_t r0, size_t 
     if (w->bf16) {
         const gptoss_bf16 *src = w->bf16 + r0 * k;
         for (size_t i = 0, n = (r1 - r0) * k; i < n; i++) out[i] = bf16_to_f32(src[i]);
+        return;
+    }
+    if (w->q8) {
+        gptoss_widen_q8_rows(w->q8, w->q8_scales, k, r0, r1, out); /* exact: q * scale fits fp32 */
         return;
     }
     /* MXFP4 -> bf16 (the exact table of mxfp4.c) a chunk at a time in L1, then -> fp32. */
@@ -404,6 +410,8 @@ static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gp
         size_t r0 = p * per, r1 = r0 + per < n ? r0 + per : n;
         if (w->bf16)
             gptoss_gemv_bf16_rows(x_f32, m, k, w->bf16, bias, r0, r1, y, ldy, y_dtype);
+        else if (w->q8)
+            gptoss_gemv_q8_rows(x_f32, m, k, w->q8, w->q8_scales, bias, r0, r1, y, ldy, y_dtype);
         else
             gptoss_gemv_mxfp4_rows(x_f32, m, k, w->blocks, w->scales, bias, r0, r1, y, ldy);
     }
@@ -464,7 +472,7 @@ static int f32_matmul(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, cons
                       const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
     int gemv = m <= GEMV_MAX_ROWS;
     int status = ensure_engine();
-    if (!status) status = widen_x(x, m, k, ldx, gemv && !w->bf16 && gptoss_gemv_mxfp4_deinterleaved());
+    if (!status) status = widen_x(x, m, k, ldx, gemv && w->blocks && gptoss_gemv_mxfp4_deinterleaved());
     if (status) return status;
     return gemv ? f32_gemv(m, k, w, n, bias, y, ldy, y_dtype)
                               : f32_tiled(m, k, w, n, bias, y, ldy, y_dtype);
@@ -517,6 +525,32 @@ GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx,
     matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = 0, .y_dtype = GPTOSS_DTYPE_F32,
                       .threads = gptoss_sync_threads(), .f32 = 1};
     return run_single(&key, x, w, NULL, y);
+}
+
+/*
+ * q8 weights (q8.c) on every compute path: x widened to fp32 once, then m <= GEMV_MAX_ROWS runs q8.c's
+ * register kernel (each weight read once, rows split between threads as for bf16), and larger m widens W
+ * tile by tile into exact fp32 (q * scale) for oneDNN's fp32 GEMM, the fp32 path's f32_tiled above. On the
+ * AVX-512 path too: fp32 tiles keep the product exact up to summation order, where bf16 tiles for oneDNN's
+ * bf16 matmul would round q * scale to bf16 (see the measurement in tools/bench_kernels.py --q8).
+ */
+GPTOSS_API int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q,
+                                const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
+                                int y_dtype) {
+    if (!x || !q || !scales || !y) return GPTOSS_ERR_NULL_POINTER;
+    if (y_dtype != GPTOSS_DTYPE_BF16 && y_dtype != GPTOSS_DTYPE_F32) return GPTOSS_ERR_OUT_OF_RANGE;
+    if (m == 0 || n == 0 || k == 0 || k % 32 || ldx < k || ldy < n) return GPTOSS_ERR_BAD_SIZE;
+    size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
+    /* fp32 copies of x and of a tile of W must be addressable, as must y. */
+    if (!span_bytes(m, k, ldx, sizeof(gptoss_bf16)) || !span_bytes(m, k, k, sizeof(float)) ||
+        !span_bytes(n, k, k, sizeof(float)) || !span_bytes(m, n, ldy, y_elem))
+        return GPTOSS_ERR_BAD_SIZE;
+    gptoss_sync_threads();
+    weights_ref wr = {.q8 = q, .q8_scales = scales};
+    pthread_mutex_lock(&matmul_lock);
+    int status = f32_matmul(x, m, k, ldx, &wr, n, bias, y, ldy, y_dtype);
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
 }
 
 /*
