@@ -3,7 +3,7 @@ scale per 32 values of a row, against numpy twins, on every compute path this ma
 
 Quantization is deterministic and must match its twin bit for bit (gptoss.h states the rule). Dequantized
 values q * scale are exact in fp32 (8 x 11 significant bits), so the twin of the matmul is the float64
-product of x and the exact weights. Tolerances: each kernel product x_i * w_i (8 x 19 bits) rounds once in
+product of x and the exact weights (rounded to bf16 for m > 8 on the AVX-512 path, whose tiles are bf16). Tolerances: each kernel product x_i * w_i (8 x 19 bits) rounds once in
 fp32 and the k products plus the bias are summed in some order: |error| <= 1.01 (k + 2) u sum |x_i w_i| + |b|
 with u = 2^-24 (the classic bound with one more rounding per term); bf16 outputs add one bf16 ulp (both the
 kernel and the twin round to bf16 within half an ulp). A wrong scale, block, row or stride gives errors of the
@@ -64,8 +64,12 @@ def dequantize_twin(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def matmul_twin(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias) -> tuple[np.ndarray, np.ndarray]:
-    """Exact y (float64) and sum |x||w| + |b| for the tolerance."""
-    xf, wf = from_bf16(x).astype(np.float64), dequantize_twin(q, scales).astype(np.float64)
+    """Exact y (float64) and sum |x||w| + |b| for the tolerance, for the weights the selected path multiplies:
+    the exact q * scale, except for m > 8 on the AVX-512 path, whose oneDNN bf16 tiles round them to bf16."""
+    w = dequantize_twin(q, scales)
+    if x.shape[0] > 8 and kernels.get_isa() == "avx512":
+        w = from_bf16(to_bf16(w))
+    xf, wf = from_bf16(x).astype(np.float64), w.astype(np.float64)
     exact, magnitude = xf @ wf.T, np.abs(xf) @ np.abs(wf).T
     if bias is not None:
         exact += from_bf16(bias)
