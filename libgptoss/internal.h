@@ -46,6 +46,9 @@ int gptoss_gemv_mxfp4_deinterleaved(void);
 float gptoss_f16_to_f32(uint16_t h);
 uint16_t gptoss_f32_to_f16(float f);
 void gptoss_widen_q8_rows(const int8_t *q, const uint16_t *scales, size_t k, size_t r0, size_t r1, float *out);
+/* The same rounded to bf16 (AVX-512 BF16 CPUs only). */
+void gptoss_widen_q8_rows_bf16(const int8_t *q, const uint16_t *scales, size_t k, size_t r0, size_t r1,
+                               gptoss_bf16 *out);
 void gptoss_gemv_q8_rows(const float *x, size_t m, size_t k, const int8_t *q, const uint16_t *scales,
                          const gptoss_bf16 *bias, size_t r0, size_t r1, void *y, size_t ldy, int y_dtype);
 

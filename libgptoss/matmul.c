@@ -528,11 +528,63 @@ GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx,
 }
 
 /*
- * q8 weights (q8.c) on every compute path: x widened to fp32 once, then m <= GEMV_MAX_ROWS runs q8.c's
- * register kernel (each weight read once, rows split between threads as for bf16), and larger m widens W
- * tile by tile into exact fp32 (q * scale) for oneDNN's fp32 GEMM, the fp32 path's f32_tiled above. On the
- * AVX-512 path too: fp32 tiles keep the product exact up to summation order, where bf16 tiles for oneDNN's
- * bf16 matmul would round q * scale to bf16 (see the measurement in tools/bench_kernels.py --q8).
+ * q8, m > GEMV_MAX_ROWS on the AVX-512 BF16 path: W dequantized tile by tile to bf16 (q * scale rounded to
+ * nearest even) into each lane's tile buffer, and each tile multiplied by oneDNN's bf16 matmul straight into
+ * y's columns with the bias, tiles shared out between threads as gptoss_matmul_mxfp4's parallel tiles. Chosen
+ * over exact fp32 tiles because oneDNN's bf16 GEMM runs at about twice its fp32 rate here: [5120, 2880], 2
+ * threads (tools/bench_kernels.py --only q8), fp32 tiles 62 GFLOP/s at M=64 and 75-109 at M=512 against 127
+ * and 201 for the bf16 matmul. The price: the weights are rounded to bf16 (8 significant bits; q * scale has
+ * up to 19), a relative change of at most 2^-9 per weight, below the q8 rounding itself (up to 1/254 of the
+ * block's largest value). Caller holds matmul_lock.
+ */
+static int q8_bf16_tiled(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q,
+                         const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
+                         int y_dtype) {
+    size_t threads = (size_t)gptoss_get_num_threads();
+    size_t target = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
+    if (target == 0) target = 1;
+    size_t n_tiles = (n + target - 1) / target;
+    n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
+    size_t rows = (n + n_tiles - 1) / n_tiles;
+    n_tiles = (n + rows - 1) / rows;
+    size_t last_rows = n - (n_tiles - 1) * rows;
+    size_t n_par = threads < n_tiles ? threads : n_tiles;
+    size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
+
+    int plan_threads = n_par > 1 ? 1 : (int)threads;
+    matmul_key full_key = {.m = m, .n = rows, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = bias != NULL,
+                           .y_dtype = y_dtype, .threads = plan_threads};
+    matmul_key last_key = full_key;
+    last_key.n = last_rows;
+    cache_entry *full = NULL, *last = NULL;
+    int status = get_tile_primitives(&full_key, &last_key, n_par, &full, &last);
+    /* The bf16 tile lives in the lane's fp32 tile buffer (half of it is enough). */
+    for (size_t i = 0; i < n_par && !status; i++)
+        status = ensure_floats(&lanes[i].w_tile, &lanes[i].w_tile_elems, (rows * k + 1) / 2);
+    if (status) return status;
+
+    int failed = GPTOSS_OK;
+    #pragma omp parallel for num_threads((int)n_par) schedule(static) if (n_par > 1)
+    for (size_t t = 0; t < n_tiles; t++) {
+        size_t lane_id = (size_t)omp_get_thread_num();
+        gptoss_bf16 *tile = (gptoss_bf16 *)lanes[lane_id].w_tile;
+        size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
+        gptoss_widen_q8_rows_bf16(q, scales, k, r0, r1, tile);
+        int st = execute(t + 1 == n_tiles ? last : full, lane_id, x, tile, bias ? bias + r0 : NULL,
+                         (char *)y + r0 * y_elem);
+        if (st) {
+            #pragma omp atomic write
+            failed = st;
+        }
+    }
+    return failed;
+}
+
+/*
+ * q8 weights (q8.c) on every compute path: m <= GEMV_MAX_ROWS widens x to fp32 once and runs q8.c's register
+ * kernel (each weight read once, rows split between threads as for bf16). Larger m: on the AVX-512 BF16 path
+ * bf16 tiles into oneDNN's bf16 matmul (q8_bf16_tiled above, faster; weights rounded to bf16), on the fp32
+ * paths exact fp32 tiles (q * scale) into oneDNN's fp32 GEMM, the fp32 path's f32_tiled.
  */
 GPTOSS_API int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q,
                                 const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
@@ -548,7 +600,9 @@ GPTOSS_API int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t
     gptoss_sync_threads();
     weights_ref wr = {.q8 = q, .q8_scales = scales};
     pthread_mutex_lock(&matmul_lock);
-    int status = f32_matmul(x, m, k, ldx, &wr, n, bias, y, ldy, y_dtype);
+    int status = m > GEMV_MAX_ROWS && gptoss_get_isa() == GPTOSS_ISA_AVX512
+                     ? q8_bf16_tiled(x, m, k, ldx, q, scales, n, bias, y, ldy, y_dtype)
+                     : f32_matmul(x, m, k, ldx, &wr, n, bias, y, ldy, y_dtype);
     pthread_mutex_unlock(&matmul_lock);
     return status;
 }

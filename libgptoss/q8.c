@@ -145,6 +145,23 @@ void gptoss_widen_q8_rows(const int8_t *q, const uint16_t *scales, size_t k, siz
     }
 }
 
+/* The same rows rounded to bf16 (nearest even) for the AVX-512 path's bf16 tiles: VCVTNEPS2BF16 rounds to
+ * nearest even like f32_to_bf16, and q * scale is never an fp32 subnormal (|q * scale| >= 2^-24 or 0), which
+ * that instruction would flush. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c"))) void gptoss_widen_q8_rows_bf16(
+    const int8_t *q, const uint16_t *scales, size_t k, size_t r0, size_t r1, gptoss_bf16 *out) {
+    const size_t bpr = k / Q8_BLOCK, n_blocks = (r1 - r0) * bpr;
+    const int8_t *src = q + r0 * k;
+    const uint16_t *sc = scales + r0 * bpr;
+    for (size_t b = 0; b < n_blocks; b++) {
+        __m512 s = _mm512_set1_ps(_cvtsh_ss(sc[b]));
+        __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + b * 32)))), s);
+        __m512 hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + b * 32 + 16)))), s);
+        _mm512_storeu_si512(out + b * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+}
+
 /* ---------------------------------------------------------------- register kernels (m <= 8) */
 
 /*
