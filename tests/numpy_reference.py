@@ -120,10 +120,22 @@ def dequantize_q8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (q.reshape(q.shape[0], -1, Q8_BLOCK).astype(np.float32) * s[..., None]).reshape(q.shape)
 
 
-def weight_f32(w: Any) -> np.ndarray:
-    """A weight as float32: bf16 bits, float32, or a q8 weight (anything with .values and .scales: Q8Weight)."""
+# How libgptoss's q8 matmul sees the weights: exactly (q * scale in fp32) in its register kernels (m <= 8 rows
+# of activations) and in the fp32 tiles of the avx2 and scalar paths; rounded to bf16 in the AVX-512 path's
+# oneDNN bf16 tiles, for m > 8. None = exact everywhere; tests running the engine on the AVX-512 path set it to
+# 8 (Q8_AVX512_REGISTER_ROWS) so the reference rounds where the kernel does.
+Q8_AVX512_REGISTER_ROWS = 8
+Q8_BF16_TILES_ABOVE: int | None = None
+
+
+def weight_f32(w: Any, m: int | None = None) -> np.ndarray:
+    """A weight as float32: bf16 bits, float32, or a q8 weight (anything with .values and .scales: Q8Weight),
+    dequantized as the kernels do for a product with m rows (Q8_BF16_TILES_ABOVE)."""
     if hasattr(w, "scales") and hasattr(w, "values"):
-        return dequantize_q8(w.values, w.scales)
+        f = dequantize_q8(w.values, w.scales)
+        if Q8_BF16_TILES_ABOVE is not None and m is not None and m > Q8_BF16_TILES_ABOVE:
+            f = round_bf16(f)
+        return f
     return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, dtype=np.float32)
 
 
@@ -135,7 +147,7 @@ def weight_f32(w: Any) -> np.ndarray:
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x W^T + b with W [out, in]; weight/bias are bf16 bits, float32 or q8 (weight_f32). fp32 math, bf16
     result."""
-    w = weight_f32(weight)
+    w = weight_f32(weight, np.shape(x)[0] if np.ndim(x) == 2 else None)
     y = np.asarray(x, dtype=np.float32) @ w.T
     if bias is not None:
         y = y + (bf16_to_f32(bias) if bias.dtype == np.uint16 else bias.astype(np.float32))
@@ -388,7 +400,8 @@ def unembed(ckpt: Any, x: np.ndarray, rows_per_chunk: int = 16384) -> np.ndarray
     w = ckpt.unembedding()
     logits = np.empty((t.shape[0], w.shape[0]), dtype=np.float32)
     for r0 in range(0, w.shape[0], rows_per_chunk):
-        chunk = weight_f32(w.rows(r0, r0 + rows_per_chunk) if hasattr(w, "rows") else np.asarray(w[r0 : r0 + rows_per_chunk]))
+        chunk = weight_f32(w.rows(r0, r0 + rows_per_chunk) if hasattr(w, "rows") else np.asarray(w[r0 : r0 + rows_per_chunk]),
+                           t.shape[0])
         logits[:, r0 : r0 + chunk.shape[0]] = t @ chunk.T
     return logits
 

@@ -293,12 +293,14 @@ def test_q8_streamed_logits_are_bit_identical_to_mapped(tiny_q8):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("length", [1, 40])
-def test_q8_engine_matches_numpy_reference(tiny_q8, compute_path, length):
+@pytest.mark.parametrize("length", [1, 8, 40])
+def test_q8_engine_matches_numpy_reference(tiny_q8, compute_path, length, monkeypatch):
     """The same test and bounds as test_model.test_logits_match_numpy_reference, on the q8 checkpoint: the
-    reference dequantizes the q8 weights exactly (fp32) as the kernels do."""
+    reference dequantizes the q8 weights as the kernels do (exactly in fp32; rounded to bf16 in the AVX-512
+    path's tiles, for more than 8 rows)."""
     from test_model import NUMPY_BOUND, assert_routing_differs_only_at_near_ties, position_errors, routed_experts
 
+    monkeypatch.setattr(ref, "Q8_BF16_TILES_ABOVE", ref.Q8_AVX512_REGISTER_ROWS if compute_path == "avx512" else None)
     with Model(Checkpoint.open(tiny_q8), max_chunk=64) as model:
         tokens = prompt(length, seed=1)
         ours, our_picks = routed_experts(model, tokens)

@@ -7,6 +7,9 @@ position's logits by each model; per position: is the next-token top-1 the same,
 the softmax of the reference's logits P and of the q8 engine's Q (float64 log-softmax). Prints top-1
 agreement, mean, median and max KL, and the same for the bf16 engine against transformers when --hf is given,
 so the q8 numbers can be read against the bf16 engine's own distance from an independent implementation.
+--noise-isa avx2 also runs the bf16 engine with another compute path's kernels (same weights, other fp32
+summation orders): the noise floor of the comparison. A model whose layers amplify small differences (the
+synthetic checkpoints' random weights over 24 layers do) shows it there first.
 
   python tools/q8_fidelity.py --bf16 /work/ckpt/20b --q8 /work/ckpt/20b-q8 --positions 1024
   python tools/q8_fidelity.py --tiny --positions 1024      # tiny checkpoint in a temp dir, + transformers
@@ -29,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from gptoss_stream.engine import compute_path  # noqa: E402
 from gptoss_stream.engine.model import Model  # noqa: E402
 from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
 
@@ -47,8 +51,19 @@ def sequences(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     return [ids[i:i + args.seq_len] for i in range(0, len(ids), args.seq_len)]
 
 
-def engine_logits(path: Path, seqs: list[list[int]], chunk: int, threads: int) -> tuple[np.ndarray, float]:
-    """Every position's fp32 logits [positions, V] and the seconds the forward passes took."""
+def engine_logits(path: Path, seqs: list[list[int]], chunk: int, threads: int, isa: str | None = None
+                  ) -> tuple[np.ndarray, float]:
+    """Every position's fp32 logits [positions, V] and the seconds the forward passes took (isa: run with that
+    compute path's kernels, then restore the selected one)."""
+    from gptoss_stream.engine import kernels
+
+    if isa is not None:
+        saved = kernels.get_isa()
+        kernels.set_isa(isa)
+        try:
+            return engine_logits(path, seqs, chunk, threads)
+        finally:
+            kernels.set_isa(saved)
     with Model(Checkpoint.open(path), max_chunk=chunk, num_threads=threads) as model:
         out = np.empty((sum(map(len, seqs)), model.config.vocab_size), dtype=np.float32)
         pos, t = 0, time.perf_counter()
@@ -112,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", type=Path, default=None, help="UTF-8 text to encode instead of random token ids")
     ap.add_argument("--chunk", type=int, default=128, help="prefill chunk (default 128)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--noise-isa", default=None, choices=("avx2", "scalar"),
+                    help="also compare the bf16 engine with itself on this compute path's kernels (noise floor)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="q8_fidelity-") as tmp:
@@ -127,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         bf16, t_bf16 = engine_logits(args.bf16, seqs, args.chunk, args.threads)
         q8, t_q8 = engine_logits(args.q8, seqs, args.chunk, args.threads)
         results = {"q8 vs bf16 engine": compare(bf16, q8)}
+        if args.noise_isa:
+            other, _ = engine_logits(args.bf16, seqs, args.chunk, args.threads, args.noise_isa)
+            results[f"bf16 {args.noise_isa} kernels vs bf16"] = compare(bf16, other)
+            del other
         del bf16
         if args.hf is not None:
             hf = hf_logits(args.hf, seqs)
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             bf16, _ = engine_logits(args.bf16, seqs, args.chunk, args.threads)
             results["bf16 vs transformers"] = compare(hf, bf16)
     print(f"{len(seqs)} sequences of <= {args.seq_len} tokens ({'text ' + str(args.text) if args.text else f'random ids, seed {args.seed}'}); "
-          f"prefill: bf16 {t_bf16:.1f} s, q8 {t_q8:.1f} s")
+          f"prefill: bf16 {t_bf16:.1f} s, q8 {t_q8:.1f} s; compute path {compute_path.selected()}")
     for name, r in results.items():
         print(line(name, r))
     if args.json:
