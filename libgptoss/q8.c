@@ -206,18 +206,31 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void q8_ro
     for (int t = 0; t < M; t++)
         for (int r = 0; r < R; r++)
             for (int a = 0; a < A; a++) acc[t][r][a] = _mm256_setzero_ps();
-    for (size_t b = 0; b < bpr; b++) {
+    for (size_t b0 = 0; b0 < bpr; b0 += 8) {
+        /* The scales of the next 8 blocks of each row, widened at once (VCVTPH2PS) and broadcast from memory
+         * per block: cheaper than a scalar conversion per block. */
+        const size_t nb = bpr - b0 < 8 ? bpr - b0 : 8;
+        _Alignas(32) float sc[4][8];
         for (int r = 0; r < R; r++) {
-            const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
-            if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[(size_t)r * bpr + b]));
-            for (int j = 0; j < 4; j++) {
-                /* VPMOVSXBD from memory: 8 int8 -> 8 int32, then exact fp32 and exact q * scale. */
-                __m256 w = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8 * j)))), s);
-                for (int t = 0; t < M; t++)
-                    acc[t][r][j % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 8 * j),
-                                                       acc[t][r][j % A]);
+            const uint16_t *sr = scales + (size_t)r * bpr + b0;
+            if (nb == 8)
+                _mm256_store_ps(sc[r], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sr)));
+            else
+                for (size_t j = 0; j < nb; j++) sc[r][j] = _cvtsh_ss(sr[j]);
+        }
+        for (size_t b = b0; b < b0 + nb; b++) {
+            for (int r = 0; r < R; r++) {
+                const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
+                if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
+                __m256 s = _mm256_broadcast_ss(&sc[r][b - b0]);
+                for (int j = 0; j < 4; j++) {
+                    /* VPMOVSXBD from memory: 8 int8 -> 8 int32, then exact fp32 and exact q * scale. */
+                    __m256 w = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8 * j)))), s);
+                    for (int t = 0; t < M; t++)
+                        acc[t][r][j % A] = _mm256_fmadd_ps(
+                            w, _mm256_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 8 * j), acc[t][r][j % A]);
+                }
             }
         }
     }
