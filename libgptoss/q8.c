@@ -256,17 +256,29 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"), always_inline)) sta
     __m512 acc[GEMV_MAX_ROWS][4][2];
     for (int t = 0; t < M; t++)
         for (int r = 0; r < R; r++) acc[t][r][0] = acc[t][r][1] = _mm512_setzero_ps();
-    for (size_t b = 0; b < bpr; b++) {
+    for (size_t b0 = 0; b0 < bpr; b0 += 16) {
+        /* 16 blocks' scales per row widened at once, then broadcast from memory (as the AVX2 kernel). */
+        const size_t nb = bpr - b0 < 16 ? bpr - b0 : 16;
+        _Alignas(64) float sc[4][16];
         for (int r = 0; r < R; r++) {
-            const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
-            if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m512 s = _mm512_set1_ps(_cvtsh_ss(scales[(size_t)r * bpr + b]));
-            for (int j = 0; j < 2; j++) {
-                __m512 w = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16 * j)))), s);
-                for (int t = 0; t < M; t++)
-                    acc[t][r][j] =
-                        _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 16 * j), acc[t][r][j]);
+            const uint16_t *sr = scales + (size_t)r * bpr + b0;
+            if (nb == 16)
+                _mm512_store_ps(sc[r], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sr)));
+            else
+                for (size_t j = 0; j < nb; j++) sc[r][j] = _cvtsh_ss(sr[j]);
+        }
+        for (size_t b = b0; b < b0 + nb; b++) {
+            for (int r = 0; r < R; r++) {
+                const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
+                if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
+                __m512 s = _mm512_set1_ps(sc[r][b - b0]);
+                for (int j = 0; j < 2; j++) {
+                    __m512 w = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16 * j)))), s);
+                    for (int t = 0; t < M; t++)
+                        acc[t][r][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 16 * j),
+                                                       acc[t][r][j]);
+                }
             }
         }
     }
