@@ -10,9 +10,10 @@
  * loops except the row-blocking idea.
  *
  * Exactness: q (8 bits) times an fp16 scale (11 significant bits, or fewer for subnormal scales) has at most
- * 19 significant bits, so q * scale is exact in fp32. Every kernel therefore multiplies the same exact
- * dequantized fp32 weights with x (bf16 widened to fp32) and the paths differ only in fp32 summation order
- * (the tiles of larger m hold the same exact values).
+ * 19 significant bits, so q * scale is exact in fp32. The register kernels therefore multiply the same exact
+ * dequantized fp32 weights with x (bf16 widened to fp32) and the paths differ only in fp32 summation order;
+ * so do the fp32 tiles of larger m on the fp32 paths. The AVX-512 path's tiles for larger m are bf16
+ * (gptoss_widen_q8_rows_bf16; why in matmul.c).
  */
 #include "gptoss.h"
 
