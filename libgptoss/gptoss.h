@@ -132,8 +132,9 @@ void gptoss_matmul_cache_clear(void);
  * with k % 32 == 0 is
  *   q:      [n, k] int8, row-major, values in -127..127
  *   scales: [n, k / 32] uint16 holding IEEE binary16 bits, one per 32 consecutive values of a row
- * and value = q * scale. q * scale is exact in fp32 (8 x 11 significant bits), so every kernel below works on
- * the exact dequantized values; they differ from each other only in fp32 summation order.
+ * and value = q * scale. q * scale is exact in fp32 (8 x 11 significant bits), so the kernels below work on
+ * the exact dequantized values and differ from each other only in fp32 summation order (except m > 8 on the
+ * AVX-512 path, see gptoss_matmul_q8).
  *
  * Quantization rule (deterministic, every path, matches tests/test_q8.py's numpy twin bit for bit), per block
  * of 32 bf16 values w:
@@ -163,8 +164,9 @@ int gptoss_dequantize_q8_rows(const int8_t *q, const uint16_t *scales, size_t n_
  *  - m <= 8 (decode): a register kernel (q8.c) reads each weight once, widens 32 int8 values and their scale
  *    to exact fp32 and FMAs them with x widened to fp32; AVX-512 (zmm), AVX2 + FMA + F16C (ymm) or plain C
  *    (scalar path, software fp16). Rows of W are split between threads.
- *  - m > 8: W widened to exact fp32 tile by tile and multiplied by oneDNN's fp32 GEMM (matmul.c's fp32
- *    tiles), on every path.
+ *  - m > 8: W widened tile by tile and multiplied by oneDNN: on the AVX-512 BF16 path bf16 tiles (q * scale
+ *    rounded to bf16, nearest even) into its bf16 matmul, about twice as fast as fp32 there; on the fp32 paths
+ *    exact fp32 tiles into its fp32 GEMM (matmul.c's fp32 tiles).
  * The dispatch lives in matmul.c (it shares the tile buffers and primitive cache).
  */
 int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q, const uint16_t *scales,

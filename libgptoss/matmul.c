@@ -531,9 +531,11 @@ GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx,
  * q8, m > GEMV_MAX_ROWS on the AVX-512 BF16 path: W dequantized tile by tile to bf16 (q * scale rounded to
  * nearest even) into each lane's tile buffer, and each tile multiplied by oneDNN's bf16 matmul straight into
  * y's columns with the bias, tiles shared out between threads as gptoss_matmul_mxfp4's parallel tiles. Chosen
- * over exact fp32 tiles because oneDNN's bf16 GEMM runs at about twice its fp32 rate here: [5120, 2880], 2
- * threads (tools/bench_kernels.py --only q8), fp32 tiles 62 GFLOP/s at M=64 and 75-109 at M=512 against 127
- * and 201 for the bf16 matmul. The price: the weights are rounded to bf16 (8 significant bits; q * scale has
+ * over exact fp32 tiles (f32_tiled, which this path ran first) because oneDNN's bf16 GEMM is about twice as
+ * fast as its fp32 one: [5120, 2880], 2 threads, Zen 5 VM with load average ~6 from other jobs
+ * (tools/bench_kernels.py --only q8, median-best GFLOP/s): fp32 tiles 62 at M=64 and 75-109 at M=512, bf16
+ * tiles 99-118 and 161-182 (the bf16 matmul of bf16 weights: 127-130 and 201-208 in the first run).
+ * The price: the weights are rounded to bf16 (8 significant bits; q * scale has
  * up to 19), a relative change of at most 2^-9 per weight, below the q8 rounding itself (up to 1/254 of the
  * block's largest value). Caller holds matmul_lock.
  */

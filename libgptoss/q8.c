@@ -10,9 +10,10 @@
  * loops except the row-blocking idea.
  *
  * Exactness: q (8 bits) times an fp16 scale (11 significant bits, or fewer for subnormal scales) has at most
- * 19 significant bits, so q * scale is exact in fp32. Every kernel therefore multiplies the same exact
- * dequantized fp32 weights with x (bf16 widened to fp32) and the paths differ only in fp32 summation order
- * (the tiles of larger m hold the same exact values).
+ * 19 significant bits, so q * scale is exact in fp32. The register kernels therefore multiply the same exact
+ * dequantized fp32 weights with x (bf16 widened to fp32) and the paths differ only in fp32 summation order;
+ * so do the fp32 tiles of larger m on the fp32 paths. The AVX-512 path's tiles for larger m are bf16
+ * (gptoss_widen_q8_rows_bf16; why in matmul.c).
  */
 #include "gptoss.h"
 
@@ -206,18 +207,31 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void q8_ro
     for (int t = 0; t < M; t++)
         for (int r = 0; r < R; r++)
             for (int a = 0; a < A; a++) acc[t][r][a] = _mm256_setzero_ps();
-    for (size_t b = 0; b < bpr; b++) {
+    for (size_t b0 = 0; b0 < bpr; b0 += 8) {
+        /* The scales of the next 8 blocks of each row, widened at once (VCVTPH2PS) and broadcast from memory
+         * per block: cheaper than a scalar conversion per block. */
+        const size_t nb = bpr - b0 < 8 ? bpr - b0 : 8;
+        _Alignas(32) float sc[4][8];
         for (int r = 0; r < R; r++) {
-            const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
-            if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[(size_t)r * bpr + b]));
-            for (int j = 0; j < 4; j++) {
-                /* VPMOVSXBD from memory: 8 int8 -> 8 int32, then exact fp32 and exact q * scale. */
-                __m256 w = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8 * j)))), s);
-                for (int t = 0; t < M; t++)
-                    acc[t][r][j % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 8 * j),
-                                                       acc[t][r][j % A]);
+            const uint16_t *sr = scales + (size_t)r * bpr + b0;
+            if (nb == 8)
+                _mm256_store_ps(sc[r], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sr)));
+            else
+                for (size_t j = 0; j < nb; j++) sc[r][j] = _cvtsh_ss(sr[j]);
+        }
+        for (size_t b = b0; b < b0 + nb; b++) {
+            for (int r = 0; r < R; r++) {
+                const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
+                if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
+                __m256 s = _mm256_broadcast_ss(&sc[r][b - b0]);
+                for (int j = 0; j < 4; j++) {
+                    /* VPMOVSXBD from memory: 8 int8 -> 8 int32, then exact fp32 and exact q * scale. */
+                    __m256 w = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8 * j)))), s);
+                    for (int t = 0; t < M; t++)
+                        acc[t][r][j % A] = _mm256_fmadd_ps(
+                            w, _mm256_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 8 * j), acc[t][r][j % A]);
+                }
             }
         }
     }
@@ -243,17 +257,29 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma"), always_inline)) sta
     __m512 acc[GEMV_MAX_ROWS][4][2];
     for (int t = 0; t < M; t++)
         for (int r = 0; r < R; r++) acc[t][r][0] = acc[t][r][1] = _mm512_setzero_ps();
-    for (size_t b = 0; b < bpr; b++) {
+    for (size_t b0 = 0; b0 < bpr; b0 += 16) {
+        /* 16 blocks' scales per row widened at once, then broadcast from memory (as the AVX2 kernel). */
+        const size_t nb = bpr - b0 < 16 ? bpr - b0 : 16;
+        _Alignas(64) float sc[4][16];
         for (int r = 0; r < R; r++) {
-            const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
-            if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
-            __m512 s = _mm512_set1_ps(_cvtsh_ss(scales[(size_t)r * bpr + b]));
-            for (int j = 0; j < 2; j++) {
-                __m512 w = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16 * j)))), s);
-                for (int t = 0; t < M; t++)
-                    acc[t][r][j] =
-                        _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 16 * j), acc[t][r][j]);
+            const uint16_t *sr = scales + (size_t)r * bpr + b0;
+            if (nb == 16)
+                _mm512_store_ps(sc[r], _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sr)));
+            else
+                for (size_t j = 0; j < nb; j++) sc[r][j] = _cvtsh_ss(sr[j]);
+        }
+        for (size_t b = b0; b < b0 + nb; b++) {
+            for (int r = 0; r < R; r++) {
+                const int8_t *qb = q + (size_t)r * k + b * Q8_BLOCK;
+                if (b % 2 == 0) _mm_prefetch((const char *)qb + PREFETCH_BYTES, _MM_HINT_T0);
+                __m512 s = _mm512_set1_ps(sc[r][b - b0]);
+                for (int j = 0; j < 2; j++) {
+                    __m512 w = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16 * j)))), s);
+                    for (int t = 0; t < M; t++)
+                        acc[t][r][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + (size_t)t * k + b * Q8_BLOCK + 16 * j),
+                                                       acc[t][r][j]);
+                }
             }
         }
     }

@@ -154,7 +154,7 @@ def bench_gemv(rng, threads: int, args) -> list[Result]:
         results.append(Result(f"matmul M=1 {name}", threads,
                               measure(lambda i: kernels.matmul(x, ws[i % len(ws)], out=y), 4, args.repeats,
                                       args.min_seconds), "GB/s weights", nbytes))
-        del ws
+        ws.clear()  # free the copies (the lambda above holds the list)
     return results
 
 
@@ -212,14 +212,15 @@ def bench_q8(rng, threads: int, args) -> list[Result]:
         results.append(Result(f"bf16 matmul M=1 {name}", threads,
                               measure(lambda i: kernels.matmul(x, ws[i % len(ws)], out=y), 4, args.repeats,
                                       args.min_seconds), "GB/s bf16 read", bf16_bytes))
-        # Quantize the first copy only and tile its q8 form (quantizing 1.2 GB per copy would take long).
+        # Quantize one copy and rotate over copies of its q8 form (quantizing each 1.2 GB copy takes seconds).
         q, sc = kernels.quantize_q8(ws[0])
-        del ws
+        ws.clear()  # free the bf16 copies (the lambda above holds the list)
         qs = [(q, sc)] + [(q.copy(), sc.copy()) for _ in range(copies_for(q8_bytes) - 1)]
         sec = measure(lambda i: kernels.matmul_q8(x, *qs[i % len(qs)], out=y), 4, args.repeats, args.min_seconds)
         results.append(Result(f"q8 matmul M=1 {name}", threads, sec, "GB/s q8 read", q8_bytes))
         results.append(Result(f"q8 matmul M=1 {name}", threads, sec, "GB/s bf16-equivalent", bf16_bytes))
-        del qs, q, sc
+        qs.clear()
+        del q, sc
     n, k = 5120, 2880
     w = random_bf16(rng, (n, k))
     q, sc = kernels.quantize_q8(w)
