@@ -333,3 +333,21 @@ def test_cli_stats_and_info_name_the_dense_format(tiny_q8, capsys, monkeypatch):
     assert info["dense_format"] == "q8" and info["format"] == "repacked"
     with Checkpoint.open(tiny_q8) as ck:
         assert info["dense_bytes_per_token"] == dense_nbytes(ck.config, 0, dense_format="q8")
+
+
+def test_the_disk_check_counts_the_q8_size(micro_checkpoint, micro_config, tmp_path, monkeypatch):
+    """Free space between the q8 and the bf16 output's size: q8 is written, bf16 refused before writing."""
+    import os
+
+    q8 = sum(s.size for s in rp.plan(micro_config, MICRO_SHARD, dense="q8"))
+    bf16 = sum(s.size for s in rp.plan(micro_config, MICRO_SHARD))
+    assert q8 < bf16
+
+    class Free:
+        f_bavail, f_frsize = (q8 + bf16) // 2 // 4096, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Free())
+    with pytest.raises(RuntimeError, match=r"needs .* more but only .* is free"):
+        rp.repack(micro_checkpoint / "original", tmp_path / "bf16", shard_size=MICRO_SHARD, progress=False)
+    rp.repack(micro_checkpoint / "original", tmp_path / "q8", shard_size=MICRO_SHARD, progress=False, dense="q8")
+    assert sum(p.stat().st_size for p in (tmp_path / "q8").glob("*.safetensors")) == q8
