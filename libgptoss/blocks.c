@@ -46,9 +46,15 @@ GPTOSS_API int gptoss_attention_block(gptoss_bf16 *x, size_t m, size_t hidden, s
                                       size_t first_position, size_t window, gptoss_bf16 *scratch,
                                       size_t scratch_elems) {
     if (!x || !w || !inv_freq || !k_cache || !v_cache || !scratch) return GPTOSS_ERR_NULL_POINTER;
-    if (!w->norm || !w->sinks || !w->out_weight) return GPTOSS_ERR_NULL_POINTER;
+    if (!w->norm || !w->sinks) return GPTOSS_ERR_NULL_POINTER;
+    const bool qkv_q8 = w->qkv_q8 != NULL, out_q8 = w->out_q8 != NULL;
+    /* q8 projections: their scales are required and a bf16 weight beside them is a caller's mix-up. */
+    if ((qkv_q8 && !w->qkv_scales) || (out_q8 && !w->out_scales)) return GPTOSS_ERR_NULL_POINTER;
+    if (qkv_q8 && (w->qkv_weight || w->q_weight || w->k_weight || w->v_weight)) return GPTOSS_ERR_OUT_OF_RANGE;
+    if (out_q8 && w->out_weight) return GPTOSS_ERR_OUT_OF_RANGE;
+    if (!out_q8 && !w->out_weight) return GPTOSS_ERR_NULL_POINTER;
     const bool fused_qkv = w->qkv_weight != NULL;
-    if (!fused_qkv && (!w->q_weight || !w->k_weight || !w->v_weight)) return GPTOSS_ERR_NULL_POINTER;
+    if (!qkv_q8 && !fused_qkv && (!w->q_weight || !w->k_weight || !w->v_weight)) return GPTOSS_ERR_NULL_POINTER;
     if (m == 0 || hidden == 0 || n_heads == 0 || n_kv_heads == 0 || head_dim == 0) return GPTOSS_ERR_BAD_SIZE;
     const size_t need = gptoss_attention_block_scratch_elems(m, hidden, n_heads, n_kv_heads, head_dim);
     if (need == 0 || scratch_elems < need) return GPTOSS_ERR_BAD_SIZE;
@@ -64,7 +70,10 @@ GPTOSS_API int gptoss_attention_block(gptoss_bf16 *x, size_t m, size_t hidden, s
 
     /* t = norm(x); qkv = t W_qkv^T + b (one matmul when q, k, v are one tensor, as the original format has) */
     TRY(gptoss_rmsnorm(x, w->norm, m, hidden, eps, t));
-    if (fused_qkv) {
+    if (qkv_q8) {
+        TRY(gptoss_matmul_q8(t, m, hidden, hidden, w->qkv_q8, w->qkv_scales, qkv_dim, w->qkv_bias, qkv, qkv_dim,
+                             GPTOSS_DTYPE_BF16));
+    } else if (fused_qkv) {
         TRY(gptoss_matmul_bf16(t, m, hidden, hidden, w->qkv_weight, qkv_dim, w->qkv_bias, qkv, qkv_dim,
                                GPTOSS_DTYPE_BF16));
     } else {
@@ -79,8 +88,12 @@ GPTOSS_API int gptoss_attention_block(gptoss_bf16 *x, size_t m, size_t hidden, s
     TRY(gptoss_attention(q, m, qkv_dim, n_heads, n_kv_heads, head_dim, k_cache, v_cache, capacity, first_position,
                          window, w->sinks, scale, attn));
     /* x = x + attn W_out^T + b */
-    TRY(gptoss_matmul_bf16(attn, m, q_dim, q_dim, w->out_weight, hidden, w->out_bias, proj, hidden,
-                           GPTOSS_DTYPE_BF16));
+    if (out_q8)
+        TRY(gptoss_matmul_q8(attn, m, q_dim, q_dim, w->out_q8, w->out_scales, hidden, w->out_bias, proj, hidden,
+                             GPTOSS_DTYPE_BF16));
+    else
+        TRY(gptoss_matmul_bf16(attn, m, q_dim, q_dim, w->out_weight, hidden, w->out_bias, proj, hidden,
+                               GPTOSS_DTYPE_BF16));
     TRY(gptoss_add_bf16(x, proj, m * hidden));
 done:
     free(positions);

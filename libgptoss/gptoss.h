@@ -125,6 +125,53 @@ int gptoss_matmul_mxfp4(const gptoss_bf16 *x, size_t m, size_t k, const uint8_t 
 size_t gptoss_matmul_cache_size(void);
 void gptoss_matmul_cache_clear(void);
 
+/* ---------------------------------------------------------------- q8.c */
+
+/*
+ * The opt-in 8-bit dense layout ("q8", the GGUF Q8_0 idea; `gptoss repack --dense q8`). A weight W [n, k]
+ * with k % 32 == 0 is
+ *   q:      [n, k] int8, row-major, values in -127..127
+ *   scales: [n, k / 32] uint16 holding IEEE binary16 bits, one per 32 consecutive values of a row
+ * and value = q * scale. q * scale is exact in fp32 (8 x 11 significant bits), so the kernels below work on
+ * the exact dequantized values and differ from each other only in fp32 summation order (except m > 8 on the
+ * AVX-512 path, see gptoss_matmul_q8).
+ *
+ * Quantization rule (deterministic, every path, matches tests/test_q8.py's numpy twin bit for bit), per block
+ * of 32 bf16 values w:
+ *   amax  = max |w|;
+ *   scale = binary16(amax / 127.0f): the fp32 quotient, rounded to fp16 to nearest, ties to even;
+ *   q     = clamp(rint(w / (float)scale), -127, 127): the fp32 quotient by the fp16-rounded scale, rounded to
+ *           nearest, ties to even (the clamp matters only for subnormal fp16 scales);
+ *   scale 0 (an all-zero block, or amax so small that amax / 127 rounds to fp16 zero): every q = 0.
+ * A block with an inf or NaN, or whose amax / 127 rounds beyond the fp16 range (amax / 127 >= 65520, i.e.
+ * amax >= ~8.3e6), is refused with GPTOSS_ERR_OUT_OF_RANGE. On any error q and scales are left partly
+ * written (blocks are done in parallel): their contents are unspecified and must be discarded.
+ */
+int gptoss_quantize_q8_rows(const gptoss_bf16 *w, size_t n, size_t k, int8_t *q, uint16_t *scales);
+
+/*
+ * out[i, :] = bf16(q[rows[i], :] * scale) for i < m (embedding lookups; a row range is rows = r0..r1-1),
+ * rounded to nearest even. rows must be in 0..n_rows-1 (GPTOSS_ERR_OUT_OF_RANGE, nothing written, otherwise).
+ *   out: [m, k] bf16 contiguous.
+ */
+int gptoss_dequantize_q8_rows(const int8_t *q, const uint16_t *scales, size_t n_rows, size_t k,
+                              const int64_t *rows, size_t m, gptoss_bf16 *out);
+
+/*
+ * y[m, n] = x[m, k] W^T (+ bias[n]) with W [n, k] in q8 (k % 32 == 0), x bf16 with row stride ldx (>= k),
+ * bias bf16 or NULL, y with row stride ldy (>= n) of y_dtype (GPTOSS_DTYPE_BF16 or _F32, as
+ * gptoss_matmul_bf16). fp32 accumulation on every compute path:
+ *  - m <= 8 (decode): a register kernel (q8.c) reads each weight once, widens 32 int8 values and their scale
+ *    to exact fp32 and FMAs them with x widened to fp32; AVX-512 (zmm), AVX2 + FMA + F16C (ymm) or plain C
+ *    (scalar path, software fp16). Rows of W are split between threads.
+ *  - m > 8: W widened tile by tile and multiplied by oneDNN: on the AVX-512 BF16 path bf16 tiles (q * scale
+ *    rounded to bf16, nearest even) into its bf16 matmul, about twice as fast as fp32 there; on the fp32 paths
+ *    exact fp32 tiles into its fp32 GEMM (matmul.c's fp32 tiles).
+ * The dispatch lives in matmul.c (it shares the tile buffers and primitive cache).
+ */
+int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q, const uint16_t *scales,
+                     size_t n, const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype);
+
 /* ---------------------------------------------------------------- ops.c */
 
 /* y[m, d] = x / sqrt(mean(x^2) + eps) * scale, per row, fp32 inside. y may equal x. */
@@ -214,13 +261,22 @@ int gptoss_kv_store(const gptoss_bf16 *k, const gptoss_bf16 *v, size_t m, size_t
 /* The attention block's weights, all bf16 and used in place: norm [hidden]; either qkv_weight
  * [(nq + 2 nkv) hd, hidden] with qkv_bias (the original format's one tensor) or, with qkv_weight NULL,
  * q/k/v_weight [nq hd | nkv hd, hidden] with their biases; sinks [nq]; out_weight [hidden, nq hd], out_bias.
- * Biases may be NULL. */
+ * Biases may be NULL. The q/k/v and out projections may instead be q8 (the last four fields). */
 struct gptoss_attention_weights {
     const gptoss_bf16 *norm;
     const gptoss_bf16 *qkv_weight, *qkv_bias;
     const gptoss_bf16 *q_weight, *q_bias, *k_weight, *k_bias, *v_weight, *v_bias;
     const gptoss_bf16 *sinks;
     const gptoss_bf16 *out_weight, *out_bias;
+    /* The q8 layout (see q8.c above): with qkv_q8 non-NULL the fused qkv projection is gptoss_matmul_q8 on
+     * qkv_q8 [(nq + 2 nkv) hd, hidden] and qkv_scales (qkv_bias stays bf16; qkv_weight and q/k/v_weight must
+     * be NULL); with out_q8 non-NULL the out projection is q8 out_q8 [hidden, nq hd] and out_scales
+     * (out_weight must be NULL). A bf16 weight beside its q8 one: GPTOSS_ERR_OUT_OF_RANGE; q8 without its
+     * scales: GPTOSS_ERR_NULL_POINTER. Everything else runs exactly as with bf16 weights. */
+    const int8_t *qkv_q8;
+    const uint16_t *qkv_scales;
+    const int8_t *out_q8;
+    const uint16_t *out_scales;
 };
 
 /* Scratch elements (bf16) the attention block needs for m tokens; 0 if the sizes overflow. */

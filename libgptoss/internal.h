@@ -39,4 +39,17 @@ void gptoss_gemv_mxfp4_rows_bf16(const gptoss_bf16 *x, size_t m, size_t k, size_
  * and x[32b + 2j + 1] at 32b + 16 + j (the order its AVX2 loop decodes the weights in). */
 int gptoss_gemv_mxfp4_deinterleaved(void);
 
+/* q8.c: the q8 layout's pieces gptoss_matmul_q8 (matmul.c) runs. Software fp16 conversions (round to nearest
+ * even, the quantizer's rule); rows [r0, r1) of a q8 matrix widened to exact fp32 (out [r1 - r0, k]); and the
+ * register kernel for m <= GEMV_MAX_ROWS on every path (AVX-512, AVX2 + FMA + F16C, scalar), x fp32 [m, k]
+ * contiguous, single-threaded over the rows given, y_dtype as in gptoss_matmul_bf16. */
+float gptoss_f16_to_f32(uint16_t h);
+uint16_t gptoss_f32_to_f16(float f);
+void gptoss_widen_q8_rows(const int8_t *q, const uint16_t *scales, size_t k, size_t r0, size_t r1, float *out);
+/* The same rounded to bf16 (AVX-512 BF16 CPUs only). */
+void gptoss_widen_q8_rows_bf16(const int8_t *q, const uint16_t *scales, size_t k, size_t r0, size_t r1,
+                               gptoss_bf16 *out);
+void gptoss_gemv_q8_rows(const float *x, size_t m, size_t k, const int8_t *q, const uint16_t *scales,
+                         const gptoss_bf16 *bias, size_t r0, size_t r1, void *y, size_t ldy, int y_dtype);
+
 #endif

@@ -330,8 +330,10 @@ static int get_tile_primitives(const matmul_key *full_key, const matmul_key *las
 
 /* Rows [r0, r1) of W, widened to fp32 into out ([r1 - r0, k]). */
 typedef struct {
-    const gptoss_bf16 *bf16;                /* W [n, k] bf16, or NULL for MXFP4 */
+    const gptoss_bf16 *bf16;                /* W [n, k] bf16, or NULL for MXFP4 / q8 */
     const uint8_t *blocks, *scales;         /* W [n, k] MXFP4 */
+    const int8_t *q8;                       /* W [n, k] q8 (q8.c), with its fp16 scales [n, k / 32] */
+    const uint16_t *q8_scales;
 } weights_ref;
 
 static void widen_weight_rows(const weights_ref *w, size_t k, size_t r0, size_t r1, float *out) {
@@ -339,6 +341,10 @@ static void widen_weight_rows(const weights_ref *w, size_t k, size_t r0, size_t 
     if (w->bf16) {
         const gptoss_bf16 *src = w->bf16 + r0 * k;
         for (size_t i = 0, n = (r1 - r0) * k; i < n; i++) out[i] = bf16_to_f32(src[i]);
+        return;
+    }
+    if (w->q8) {
+        gptoss_widen_q8_rows(w->q8, w->q8_scales, k, r0, r1, out); /* exact: q * scale fits fp32 */
         return;
     }
     /* MXFP4 -> bf16 (the exact table of mxfp4.c) a chunk at a time in L1, then -> fp32. */
@@ -404,6 +410,8 @@ static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gp
         size_t r0 = p * per, r1 = r0 + per < n ? r0 + per : n;
         if (w->bf16)
             gptoss_gemv_bf16_rows(x_f32, m, k, w->bf16, bias, r0, r1, y, ldy, y_dtype);
+        else if (w->q8)
+            gptoss_gemv_q8_rows(x_f32, m, k, w->q8, w->q8_scales, bias, r0, r1, y, ldy, y_dtype);
         else
             gptoss_gemv_mxfp4_rows(x_f32, m, k, w->blocks, w->scales, bias, r0, r1, y, ldy);
     }
@@ -464,7 +472,7 @@ static int f32_matmul(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, cons
                       const gptoss_bf16 *bias, void *y, size_t ldy, int y_dtype) {
     int gemv = m <= GEMV_MAX_ROWS;
     int status = ensure_engine();
-    if (!status) status = widen_x(x, m, k, ldx, gemv && !w->bf16 && gptoss_gemv_mxfp4_deinterleaved());
+    if (!status) status = widen_x(x, m, k, ldx, gemv && w->blocks && gptoss_gemv_mxfp4_deinterleaved());
     if (status) return status;
     return gemv ? f32_gemv(m, k, w, n, bias, y, ldy, y_dtype)
                               : f32_tiled(m, k, w, n, bias, y, ldy, y_dtype);
@@ -517,6 +525,88 @@ GPTOSS_API int gptoss_matmul_f32(const float *x, size_t m, size_t k, size_t ldx,
     matmul_key key = {.m = m, .n = n, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = 0, .y_dtype = GPTOSS_DTYPE_F32,
                       .threads = gptoss_sync_threads(), .f32 = 1};
     return run_single(&key, x, w, NULL, y);
+}
+
+/*
+ * q8, m > GEMV_MAX_ROWS on the AVX-512 BF16 path: W dequantized tile by tile to bf16 (q * scale rounded to
+ * nearest even) into each lane's tile buffer, and each tile multiplied by oneDNN's bf16 matmul straight into
+ * y's columns with the bias, tiles shared out between threads as gptoss_matmul_mxfp4's parallel tiles. Chosen
+ * over exact fp32 tiles (f32_tiled, which this path ran first) because oneDNN's bf16 GEMM is about twice as
+ * fast as its fp32 one: [5120, 2880], 2 threads, Zen 5 VM with load average ~6 from other jobs
+ * (tools/bench_kernels.py --only q8, median-best GFLOP/s): fp32 tiles 62 at M=64 and 75-109 at M=512, bf16
+ * tiles 99-118 and 161-182 (the bf16 matmul of bf16 weights: 127-130 and 201-208 in the first run).
+ * The price: the weights are rounded to bf16 (8 significant bits; q * scale has
+ * up to 19), a relative change of at most 2^-9 per weight, below the q8 rounding itself (up to 1/254 of the
+ * block's largest value). Caller holds matmul_lock.
+ */
+static int q8_bf16_tiled(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q,
+                         const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
+                         int y_dtype) {
+    size_t threads = (size_t)gptoss_get_num_threads();
+    size_t target = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
+    if (target == 0) target = 1;
+    size_t n_tiles = (n + target - 1) / target;
+    n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
+    size_t rows = (n + n_tiles - 1) / n_tiles;
+    n_tiles = (n + rows - 1) / rows;
+    size_t last_rows = n - (n_tiles - 1) * rows;
+    size_t n_par = threads < n_tiles ? threads : n_tiles;
+    size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
+
+    int plan_threads = n_par > 1 ? 1 : (int)threads;
+    matmul_key full_key = {.m = m, .n = rows, .k = k, .ldx = ldx, .ldy = ldy, .has_bias = bias != NULL,
+                           .y_dtype = y_dtype, .threads = plan_threads};
+    matmul_key last_key = full_key;
+    last_key.n = last_rows;
+    cache_entry *full = NULL, *last = NULL;
+    int status = get_tile_primitives(&full_key, &last_key, n_par, &full, &last);
+    /* The bf16 tile lives in the lane's fp32 tile buffer (half of it is enough). */
+    for (size_t i = 0; i < n_par && !status; i++)
+        status = ensure_floats(&lanes[i].w_tile, &lanes[i].w_tile_elems, (rows * k + 1) / 2);
+    if (status) return status;
+
+    int failed = GPTOSS_OK;
+    #pragma omp parallel for num_threads((int)n_par) schedule(static) if (n_par > 1)
+    for (size_t t = 0; t < n_tiles; t++) {
+        size_t lane_id = (size_t)omp_get_thread_num();
+        gptoss_bf16 *tile = (gptoss_bf16 *)lanes[lane_id].w_tile;
+        size_t r0 = t * rows, r1 = t + 1 == n_tiles ? n : r0 + rows;
+        gptoss_widen_q8_rows_bf16(q, scales, k, r0, r1, tile);
+        int st = execute(t + 1 == n_tiles ? last : full, lane_id, x, tile, bias ? bias + r0 : NULL,
+                         (char *)y + r0 * y_elem);
+        if (st) {
+            #pragma omp atomic write
+            failed = st;
+        }
+    }
+    return failed;
+}
+
+/*
+ * q8 weights (q8.c) on every compute path: m <= GEMV_MAX_ROWS widens x to fp32 once and runs q8.c's register
+ * kernel (each weight read once, rows split between threads as for bf16). Larger m: on the AVX-512 BF16 path
+ * bf16 tiles into oneDNN's bf16 matmul (q8_bf16_tiled above, faster; weights rounded to bf16), on the fp32
+ * paths exact fp32 tiles (q * scale) into oneDNN's fp32 GEMM, the fp32 path's f32_tiled.
+ */
+GPTOSS_API int gptoss_matmul_q8(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, const int8_t *q,
+                                const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
+                                int y_dtype) {
+    if (!x || !q || !scales || !y) return GPTOSS_ERR_NULL_POINTER;
+    if (y_dtype != GPTOSS_DTYPE_BF16 && y_dtype != GPTOSS_DTYPE_F32) return GPTOSS_ERR_OUT_OF_RANGE;
+    if (m == 0 || n == 0 || k == 0 || k % 32 || ldx < k || ldy < n) return GPTOSS_ERR_BAD_SIZE;
+    size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
+    /* fp32 copies of x and of a tile of W must be addressable, as must y. */
+    if (!span_bytes(m, k, ldx, sizeof(gptoss_bf16)) || !span_bytes(m, k, k, sizeof(float)) ||
+        !span_bytes(n, k, k, sizeof(float)) || !span_bytes(m, n, ldy, y_elem))
+        return GPTOSS_ERR_BAD_SIZE;
+    gptoss_sync_threads();
+    weights_ref wr = {.q8 = q, .q8_scales = scales};
+    pthread_mutex_lock(&matmul_lock);
+    int status = m > GEMV_MAX_ROWS && gptoss_get_isa() == GPTOSS_ISA_AVX512
+                     ? q8_bf16_tiled(x, m, k, ldx, q, scales, n, bias, y, ldy, y_dtype)
+                     : f32_matmul(x, m, k, ldx, &wr, n, bias, y, ldy, y_dtype);
+    pthread_mutex_unlock(&matmul_lock);
+    return status;
 }
 
 /*

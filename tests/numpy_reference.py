@@ -84,13 +84,70 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# q8 (`gptoss repack --dense q8`, docs/repacked-format.md): int8 values, one fp16 scale per 32 of a row
+# ---------------------------------------------------------------------------------------------------------
+
+Q8_BLOCK = 32
+
+
+def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bits (or float32) w [n, k] -> (q int8 [n, k], scales uint16 fp16 bits [n, k/32]).
+
+    Per block of 32: scale = fp16(amax / 127) (nearest even), q = clamp(round_half_even(w / scale), -127, 127)
+    with that rounded scale; a block of zeros has scale 0 and q 0.
+    """
+    x = bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, dtype=np.float32)
+    n, k = x.shape
+    if k % Q8_BLOCK:
+        raise ValueError(f"quantize_q8: k={k} is not a multiple of {Q8_BLOCK}")
+    blocks = x.reshape(n, k // Q8_BLOCK, Q8_BLOCK)
+    amax = np.max(np.abs(blocks), axis=-1)
+    scales = (amax / np.float32(127)).astype(np.float16)  # fp32 division, then round to nearest-even fp16
+    s = scales.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(blocks / np.where(s > 0, s, 1)), 0)  # np.rint: half to even
+    q = np.clip(q, -127, 127).astype(np.int8).reshape(n, k)
+    return q, scales.view(np.uint16)
+
+
+def dequantize_q8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """q8 -> float32 [n, k], exact: an int8 times an fp16 needs at most 18 significant bits."""
+    q, scales = np.asarray(q), np.asarray(scales)
+    if q.dtype != np.int8 or scales.dtype != np.uint16 or scales.shape != (q.shape[0], q.shape[1] // Q8_BLOCK):
+        raise ValueError(f"q8 pair expected (int8 [n, k], uint16 [n, k/32]), got {q.dtype} {q.shape}, "
+                         f"{scales.dtype} {scales.shape}")
+    s = scales.view(np.float16).astype(np.float32)
+    return (q.reshape(q.shape[0], -1, Q8_BLOCK).astype(np.float32) * s[..., None]).reshape(q.shape)
+
+
+# How libgptoss's q8 matmul sees the weights: exactly (q * scale in fp32) in its register kernels (m <= 8 rows
+# of activations) and in the fp32 tiles of the avx2 and scalar paths; rounded to bf16 in the AVX-512 path's
+# oneDNN bf16 tiles, for m > 8. None = exact everywhere; tests running the engine on the AVX-512 path set it to
+# 8 (Q8_AVX512_REGISTER_ROWS) so the reference rounds where the kernel does.
+Q8_AVX512_REGISTER_ROWS = 8
+Q8_BF16_TILES_ABOVE: int | None = None
+
+
+def weight_f32(w: Any, m: int | None = None) -> np.ndarray:
+    """A weight as float32: bf16 bits, float32, or a q8 weight (anything with .values and .scales: Q8Weight),
+    dequantized as the kernels do for a product with m rows (Q8_BF16_TILES_ABOVE)."""
+    if hasattr(w, "scales") and hasattr(w, "values"):
+        f = dequantize_q8(w.values, w.scales)
+        if Q8_BF16_TILES_ABOVE is not None and m is not None and m > Q8_BF16_TILES_ABOVE:
+            f = round_bf16(f)
+        return f
+    return bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------------------
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x W^T + b with W [out, in]; weight/bias are bf16 bits or float32. fp32 math, bf16 result."""
-    w = bf16_to_f32(weight) if weight.dtype == np.uint16 else np.asarray(weight, dtype=np.float32)
+    """y = x W^T + b with W [out, in]; weight/bias are bf16 bits, float32 or q8 (weight_f32). fp32 math, bf16
+    result."""
+    w = weight_f32(weight, np.shape(x)[0] if np.ndim(x) == 2 else None)
     y = np.asarray(x, dtype=np.float32) @ w.T
     if bias is not None:
         y = y + (bf16_to_f32(bias) if bias.dtype == np.uint16 else bias.astype(np.float32))
@@ -330,7 +387,10 @@ def embed(ckpt: Any, tokens: Sequence[int]) -> np.ndarray:
         raise ValueError(f"tokens must be a non-empty 1-D sequence, got shape {tokens.shape}")
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
-    return bf16_to_f32(np.asarray(ckpt.embedding()[tokens]))
+    table = ckpt.embedding()
+    if hasattr(table, "scales"):  # q8: the rows dequantized and rounded to bf16, the activations' type
+        return round_bf16(dequantize_q8(table.values[tokens], table.scales[tokens]))
+    return bf16_to_f32(np.asarray(table[tokens]))
 
 
 def unembed(ckpt: Any, x: np.ndarray, rows_per_chunk: int = 16384) -> np.ndarray:
@@ -340,7 +400,8 @@ def unembed(ckpt: Any, x: np.ndarray, rows_per_chunk: int = 16384) -> np.ndarray
     w = ckpt.unembedding()
     logits = np.empty((t.shape[0], w.shape[0]), dtype=np.float32)
     for r0 in range(0, w.shape[0], rows_per_chunk):
-        chunk = bf16_to_f32(np.asarray(w[r0 : r0 + rows_per_chunk]))
+        chunk = weight_f32(w.rows(r0, r0 + rows_per_chunk) if hasattr(w, "rows") else np.asarray(w[r0 : r0 + rows_per_chunk]),
+                           t.shape[0])
         logits[:, r0 : r0 + chunk.shape[0]] = t @ chunk.T
     return logits
 

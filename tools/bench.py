@@ -61,13 +61,19 @@ def measure_gemv_bandwidth(model: Model, passes: int = 5) -> float:
     w = model.unembedding
     x = np.full((1, w.shape[1]), 0x3F80, dtype=np.uint16)  # bf16 1.0
     out = np.empty((1, w.shape[0]), dtype=np.float32)
-    kernels.matmul(x, w, out=out, out_dtype=np.float32)
+    if hasattr(w, "scales"):  # a q8 checkpoint (repack --dense q8): its GEMV reads int8 values + fp16 scales
+        def gemv():
+            kernels.matmul_q8(x, w.values, w.scales, out=out, out_dtype=np.float32)
+    else:
+        def gemv():
+            kernels.matmul(x, w, out=out, out_dtype=np.float32)
+    gemv()
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()
-        kernels.matmul(x, w, out=out, out_dtype=np.float32)
+        gemv()
         best = min(best, time.perf_counter() - start)
-    return w.nbytes / best
+    return w.nbytes / best  # (Q8Weight.nbytes: values + scales)
 
 
 def measure_gemm_flops(m: int = 512, n: int = 2880, k: int = 2880) -> tuple[float, str]:
@@ -99,17 +105,19 @@ def measure_gemm_flops(m: int = 512, n: int = 2880, k: int = 2880) -> tuple[floa
 # ---------------------------------------------------------------------------- work per token
 
 
-def decode_bytes_per_token(cfg: ModelConfig, expert_bytes: int) -> dict[str, int]:
-    """Bytes of weights one decode token reads (bf16 dense, MXFP4 experts with their biases)."""
+def decode_bytes_per_token(cfg: ModelConfig, expert_bytes: int, dense_format: str = "bf16") -> dict[str, int]:
+    """Bytes of weights one decode token reads (bf16 dense, MXFP4 experts with their biases); dense_format
+    "q8": the qkv, out, unembedding and embedding matrices as int8 + one fp16 scale per 32 values."""
     h, e = cfg.hidden_size, cfg.num_experts
-    attention = (cfg.qkv_dim * h + cfg.qkv_dim + h * cfg.q_dim + h + cfg.num_attention_heads + 2 * h) * 2
+    matrix = 1 + 2 / 32 if dense_format == "q8" else 2  # bytes per value of the q8-able matrices
+    attention = int((cfg.qkv_dim * h + h * cfg.q_dim) * matrix) + (cfg.qkv_dim + h + cfg.num_attention_heads + 2 * h) * 2
     router = (e * h + e) * 2
     return {
         "attention": cfg.num_hidden_layers * attention,
         "router": cfg.num_hidden_layers * router,
         "experts": cfg.num_hidden_layers * cfg.experts_per_token * expert_bytes,
-        "unembedding": (cfg.vocab_size * h + h) * 2,
-        "embedding_row": h * 2,
+        "unembedding": int(cfg.vocab_size * h * matrix) + h * 2,
+        "embedding_row": int(h * matrix),
     }
 
 
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
           f"M=1 unembedding GEMV {gemv_bandwidth / 1e9:.1f} GB/s (best of 5): decode limit uses "
           f"{bandwidth / 1e9:.1f} GB/s; {gemm_name} (M=512) {gemm / 1e9:.0f} GFLOP/s", file=sys.stderr)
 
-    per_token = decode_bytes_per_token(cfg, checkpoint.expert_nbytes(0, 0))
+    per_token = decode_bytes_per_token(cfg, checkpoint.expert_nbytes(0, 0), checkpoint.dense_format)
     bytes_per_token = sum(per_token.values())
     decode_tps = 1.0 / float(np.median(steps))
     decode_limit = bandwidth / bytes_per_token

@@ -10,10 +10,15 @@ caches. Rates:
   matmul M=1     GB/s of bf16 weights read.
   matmul_mxfp4   GB/s of MXFP4 bytes read (blocks + scales), and the bf16-equivalent rate (k * n * 2 bytes).
   matmul M>1     GFLOP/s (2 m n k per call).
+  q8             the 8-bit dense layout (gptoss_matmul_q8) at M=1 on the 20b shapes: GB/s of q8 bytes read
+                 (int8 values + fp16 scales, 1.0625 bytes per weight) beside the bf16 GEMV of the same shape
+                 (GB/s of bf16 read) and the machine's read bandwidth (all threads streaming 2 GiB, best of 7);
+                 then M=64 and 512 prefill-shaped products (GFLOP/s), q8 against bf16.
 
     python tools/bench_kernels.py                 # everything, 1 and 2 threads
     python tools/bench_kernels.py --only dequant gemv --threads 2
     python tools/bench_kernels.py --mxfp4-modes   # tile size / parallel-tiles sweep for matmul_mxfp4
+    python tools/bench_kernels.py --only q8 --threads 2   # q8 dense layout against bf16 and the bandwidth
     python tools/bench_kernels.py --only mxfp4 --threads 2 --tile-rows 64 --scratch-tiles 1   # one of those
 """
 
@@ -36,7 +41,7 @@ from gptoss_stream.engine import _lib, kernels  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import add_isa_argument, last_level_cache_bytes, print_machine, use_isa  # noqa: E402
 
-SECTIONS = ("dequant", "gemv", "mxfp4", "gemm")
+SECTIONS = ("dequant", "gemv", "mxfp4", "gemm", "q8")
 
 
 @dataclass
@@ -149,7 +154,7 @@ def bench_gemv(rng, threads: int, args) -> list[Result]:
         results.append(Result(f"matmul M=1 {name}", threads,
                               measure(lambda i: kernels.matmul(x, ws[i % len(ws)], out=y), 4, args.repeats,
                                       args.min_seconds), "GB/s weights", nbytes))
-        del ws
+        ws.clear()  # free the copies (the lambda above holds the list)
     return results
 
 
@@ -188,6 +193,47 @@ def bench_gemm(rng, threads: int, args) -> list[Result]:
     return results
 
 
+def bench_q8(rng, threads: int, args) -> list[Result]:
+    """The q8 dense layout at M=1 against bf16 and the read bandwidth, then prefill-shaped M > 8."""
+    results = []
+    buffer = np.ones(max(2 << 30, 4 * last_level_cache_bytes()), dtype=np.uint8)
+    bandwidth = kernels.read_bandwidth(buffer, repeats=7)  # the best pass: an upper bound (as tools/bench.py)
+    results.append(Result("read bandwidth (2 GiB, best of 7 passes)", threads, [buffer.nbytes / bandwidth],
+                          "GB/s read", buffer.nbytes))
+    del buffer
+    cases = [("qkv [5120, 2880]", 5120, 2880, np.uint16), ("attn out [2880, 4096]", 2880, 4096, np.uint16)]
+    if not args.skip_unembedding:
+        cases.append(("unembedding [201088, 2880] f32 out", 201088, 2880, np.float32))
+    for name, n, k, out_dtype in cases:
+        x = random_bf16(rng, (1, k))
+        y = np.empty((1, n), dtype=out_dtype)
+        bf16_bytes, q8_bytes = n * k * 2, n * k + n * k // 32 * 2
+        ws = [random_bf16(rng, (n, k)) for _ in range(copies_for(bf16_bytes))]
+        results.append(Result(f"bf16 matmul M=1 {name}", threads,
+                              measure(lambda i: kernels.matmul(x, ws[i % len(ws)], out=y), 4, args.repeats,
+                                      args.min_seconds), "GB/s bf16 read", bf16_bytes))
+        # Quantize one copy and rotate over copies of its q8 form (quantizing each 1.2 GB copy takes seconds).
+        q, sc = kernels.quantize_q8(ws[0])
+        ws.clear()  # free the bf16 copies (the lambda above holds the list)
+        qs = [(q, sc)] + [(q.copy(), sc.copy()) for _ in range(copies_for(q8_bytes) - 1)]
+        sec = measure(lambda i: kernels.matmul_q8(x, *qs[i % len(qs)], out=y), 4, args.repeats, args.min_seconds)
+        results.append(Result(f"q8 matmul M=1 {name}", threads, sec, "GB/s q8 read", q8_bytes))
+        results.append(Result(f"q8 matmul M=1 {name}", threads, sec, "GB/s bf16-equivalent", bf16_bytes))
+        qs.clear()
+        del q, sc
+    n, k = 5120, 2880
+    w = random_bf16(rng, (n, k))
+    q, sc = kernels.quantize_q8(w)
+    for m in (16, 64, 512):
+        x = random_bf16(rng, (m, k))
+        y = np.empty((m, n), dtype=np.uint16)
+        for label, fn in (("bf16", lambda i: kernels.matmul(x, w, out=y)),
+                          ("q8", lambda i: kernels.matmul_q8(x, q, sc, out=y))):
+            sec = measure(fn, 2, args.repeats, args.min_seconds)
+            results.append(Result(f"{label} matmul M={m} qkv [5120, 2880]", threads, sec, "GFLOP/s", 2 * m * n * k))
+    return results
+
+
 def mxfp4_modes(rng, threads: int, args) -> list[Result]:
     """matmul_mxfp4 with every tile size and both modes: one scratch tile (serial tiles, oneDNN and the
     dequantizer use all threads per tile) or one per thread (parallel tiles, single-threaded oneDNN)."""
@@ -220,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     print(f"isa {kernels.get_isa()}, threads {args.threads}; rates in 1e9 units per second")
     print(HEADER)
-    sections = {"dequant": bench_dequant, "gemv": bench_gemv, "mxfp4": bench_mxfp4, "gemm": bench_gemm}
+    sections = {"dequant": bench_dequant, "gemv": bench_gemv, "mxfp4": bench_mxfp4, "gemm": bench_gemm,
+                "q8": bench_q8}
     for threads in args.threads:
         kernels.set_num_threads(threads)
         if args.tile_rows is not None or args.scratch_tiles is not None:

@@ -4,8 +4,8 @@
     python tools/fuzz_checkpoint.py --cases 5000 --seed 7         # more on demand
     python tools/fuzz_checkpoint.py --categories header_json config_values --cases 1000 --json out.json
 
-A micro checkpoint (2 layers, 4 experts, ~300 KB) is written in the three layouts (original, Hugging Face
-sharded, `gptoss repack`ed); each case damages one file of one layout (one category below), opens the
+A micro checkpoint (2 layers, 4 experts, ~300 KB) is written in the four layouts (original, Hugging Face
+sharded, `gptoss repack`ed, `gptoss repack --dense q8`ed); each case damages one file of one layout (one category below), opens the
 checkpoint as `gptoss` does (open_user_checkpoint), and either reads every view (embedding, every layer's
 dense weights, every expert through the mapping and through the streaming reader's pread path, the final
 norm, the unembedding) or gets an error; then the file is restored. A case passes when it opened and read
@@ -171,13 +171,15 @@ class Workspace:
 
         self.root = root
         pristine = root / "pristine"
-        if not (pristine / "repacked" / "gptoss-repack.json").is_file():
+        if not (pristine / "repacked-q8" / "gptoss-repack.json").is_file():
             shutil.rmtree(pristine, ignore_errors=True)
             cfg = ModelConfig.preset("tiny").with_overrides(
                 num_hidden_layers=2, vocab_size=512, hidden_size=32, intermediate_size=32, num_experts=4,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
             make_checkpoint(pristine, cfg, format="both", seed=1, max_shard_bytes=20_000, progress=False)
             repack.repack(pristine / "original", pristine / "repacked", shard_size=16 << 10, progress=False)
+            repack.repack(pristine / "original", pristine / "repacked-q8", shard_size=16 << 10, progress=False,
+                          dense="q8")
         self.pristine = pristine
         self.work = root / f"work-{os.getpid()}"
         shutil.rmtree(self.work, ignore_errors=True)
@@ -210,13 +212,16 @@ class Workspace:
         self.touched.clear()
 
 
+LAYOUTS = ("original", "hf", "repacked", "repacked-q8")
+
+
 def split_safetensors(raw: bytes) -> tuple[bytes, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
     return raw[8:8 + n], raw[8 + n:]
 
 
 def any_shard(ws: Workspace, rng: random.Random) -> tuple[str, Path]:
-    layout = rng.choice(["original", "hf", "repacked"])
+    layout = rng.choice(LAYOUTS)
     return layout, rng.choice(ws.files(layout, "*.safetensors"))
 
 
@@ -285,7 +290,7 @@ def case_length_field(ws: Workspace, rng: random.Random) -> tuple[str, str]:
 
 
 def case_truncation(ws: Workspace, rng: random.Random) -> tuple[str, str]:
-    layout = rng.choice(["original", "hf", "repacked"])
+    layout = rng.choice(LAYOUTS)
     path = rng.choice(ws.files(layout))
     raw = path.read_bytes()
     op = rng.randrange(7)
@@ -362,9 +367,15 @@ def case_hf_index(ws: Workspace, rng: random.Random) -> tuple[str, str]:
 
 
 def case_repacked_manifest(ws: Workspace, rng: random.Random) -> tuple[str, str]:
-    path = ws.layout("repacked") / "gptoss-repack.json"
+    layout = rng.choice(["repacked", "repacked-q8"])
+    path = ws.layout(layout) / "gptoss-repack.json"
     doc = json.loads(path.read_text())
     r = rng.random()
+    if r < 0.05:  # the dense format and the version that goes with it
+        key = rng.choice(["dense_format", "version"])
+        doc[key] = rng.choice(["q8", "bf16", 1, 2, 3, None, interesting(rng)])
+        ws.write(path, dumps(doc))
+        return layout, f"manifest: {key} -> {str(doc[key])[:40]}"
     if r < 0.4:
         layer, expert = rng.randrange(len(doc["experts"])), rng.randrange(len(doc["experts"][0]))
         entry = doc["experts"][layer][expert]
@@ -389,7 +400,7 @@ def case_repacked_manifest(ws: Workspace, rng: random.Random) -> tuple[str, str]
     else:
         doc, what = mutate_tree(doc, rng)
     ws.write(path, dumps(doc))
-    return "repacked", f"manifest: {what}"
+    return layout, f"manifest: {what}"
 
 
 # Each case damages one file and returns (the layout it belongs to, what it did).
@@ -416,12 +427,16 @@ def read_everything(path: Path) -> int:
 
     from gptoss_stream.streaming.reader import FileReader, aligned_buffer, plan_record
     from gptoss_stream.weights.checkpoint import open_user_checkpoint
+    from gptoss_stream.weights.layouts.base import Q8Weight
 
     total = 0
 
     def touch(a) -> None:
         nonlocal total
-        if a is not None:
+        if isinstance(a, Q8Weight):
+            touch(a.values)
+            touch(a.scales)
+        elif a is not None:
             np.asarray(a).view(np.uint8).sum(dtype=np.uint64)  # every byte read through the mapping
             total += a.nbytes
 

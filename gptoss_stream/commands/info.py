@@ -107,17 +107,35 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_summary(path: str) -> dict:
+    """`gptoss info -m MODEL`: the checkpoint's layout and what its dense weights cost every token."""
+    from gptoss_stream.commands.options import describe_dense
+    from gptoss_stream.streaming.budget import dense_nbytes
+    from gptoss_stream.weights.checkpoint import open_user_checkpoint
+
+    with open_user_checkpoint(path) as ckpt:
+        dense = getattr(ckpt, "dense_format", "bf16")
+        return {"path": str(Path(ckpt.path).resolve()), "format": ckpt.format, "dense_format": dense,
+                "dense_bytes_per_token": dense_nbytes(ckpt.config, 0, dense_format=dense),
+                "file_bytes": ckpt.nbytes(), "description": describe_dense(ckpt)}
+
+
 def run_info(args: argparse.Namespace) -> int:
     from gptoss_stream import system
     from gptoss_stream.engine import kernels
 
     kernels.set_num_threads(args.threads or system.available_cpus())  # as generate does
     info = collect(args.path)
+    if args.model:
+        info["checkpoint"] = checkpoint_summary(args.model)
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()
     else:
         print(format_report(info))
+        if "checkpoint" in info:
+            c = info["checkpoint"]
+            print(f"checkpoint     {c['path']}: {c['description']}")
     return 0
 
 
@@ -131,5 +149,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--path", default=".", metavar="DIR",
                    help="report the free disk space where DIR lives, e.g. your checkpoint folder (default: .)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="threads to report (default 0: the CPUs this process may use, as generate)")
+    p.add_argument("-m", "--model", default=None, metavar="MODEL_DIR",
+                   help="also describe this checkpoint: its layout and its dense weights' format (bf16, or q8 "
+                        "from `gptoss repack --dense q8`) and size")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_info)

@@ -63,6 +63,8 @@ def open_model(args: argparse.Namespace):
     checkpoint = open_user_checkpoint(args.model)
     store = args.plan = None
     try:
+        if args.stats:
+            print(f"[stats] checkpoint: {describe_dense(checkpoint)}", file=sys.stderr)
         if not 0 < args.context <= checkpoint.config.max_context:
             raise InputError(f"--context {args.context} must be in 1..{checkpoint.config.max_context}")
         if not args.mmap_only and not (args.ram_budget is None and fits_in_memory(checkpoint, args.context,
@@ -79,6 +81,17 @@ def open_model(args: argparse.Namespace):
             store.close()
         checkpoint.close()
         raise
+
+
+def describe_dense(checkpoint) -> str:
+    """'repacked, dense weights q8: 1.25 GiB read per token (+ embedding rows)': what --stats and
+    `gptoss info -m` say about the checkpoint's dense weights."""
+    from gptoss_stream.streaming.budget import dense_nbytes, format_size
+
+    dense = getattr(checkpoint, "dense_format", "bf16")
+    per_token = dense_nbytes(checkpoint.config, 0, dense_format=dense)
+    return (f"{checkpoint.format}, dense weights {dense}: {format_size(per_token)} read per token "
+            f"(+ one embedding row)")
 
 
 def check_run_arguments(args: argparse.Namespace) -> None:

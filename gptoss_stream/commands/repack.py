@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "(gptoss-repack.json) with sha256 per shard and per record. DST then loads like any checkpoint. "
             "Interrupted runs resume when the same command is run again. Layout: docs/repacked-format.md."
         ),
-        epilog="example:\n  gptoss repack /work/ckpt/20b/original /work/ckpt/20b-repacked --verify",
+        epilog="examples:\n  gptoss repack /work/ckpt/20b/original /work/ckpt/20b-repacked --verify\n"
+               "  gptoss repack /work/ckpt/20b/original /work/ckpt/20b-q8 --dense q8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (original/ or Hugging Face folder)")
@@ -30,6 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="largest shard file, e.g. 2G (default), 500MB, 4GiB; a record is never split")
     p.add_argument("--align", type=int, default=DEFAULT_ALIGN, metavar="BYTES",
                    help=f"alignment of every record's offset and length (power of two; default {DEFAULT_ALIGN})")
+    p.add_argument("--dense", choices=("bf16", "q8"), default=None,
+                   help="dense weights: bf16 = the source's bytes, faithful to the reference (default for a "
+                        "published checkpoint); q8 = attention, embedding and unembedding matrices as int8 with "
+                        "one fp16 scale per 32 values (Q8_0): ~half the dense bytes a token reads, at a small "
+                        "cost in fidelity (README); the router and all MXFP4 experts are kept as they are. "
+                        "Default: the source's own format")
     p.add_argument("--verify", action="store_true",
                    help="afterwards re-read DST and check every record against SRC and the manifest's sha256")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST instead of refusing")
@@ -40,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     result = repack(args.src, args.dst, args.shard_size, args.align, verify=args.verify, force=args.force,
-                    progress=not args.quiet)
+                    progress=not args.quiet, dense=args.dense)
     if result.status == "complete":
         print(f"{result.dst}: already a complete repack of {args.src} ({result.shards} shards, "
               f"{format_bytes(result.total_bytes)}); nothing to do")

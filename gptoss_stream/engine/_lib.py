@@ -109,7 +109,7 @@ class AttentionWeights(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "norm", "qkv_weight", "qkv_bias", "q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias",
-        "sinks", "out_weight", "out_bias")]
+        "sinks", "out_weight", "out_bias", "qkv_q8", "qkv_scales", "out_q8", "out_scales")]
 
 
 _p = ctypes.c_void_p
@@ -133,6 +133,9 @@ _SIGNATURES: dict[str, tuple[list, object]] = {
     "gptoss_matmul_bf16": ([_p, _sz, _sz, _sz, _p, _sz, _p, _p, _sz, _i], _i),
     "gptoss_matmul_f32": ([_p, _sz, _sz, _sz, _p, _sz, _p, _sz], _i),
     "gptoss_matmul_mxfp4": ([_p, _sz, _sz, _p, _p, _sz, _p, _p, _sz, _p, _sz, _sz], _i),
+    "gptoss_quantize_q8_rows": ([_p, _sz, _sz, _p, _p], _i),
+    "gptoss_dequantize_q8_rows": ([_p, _p, _sz, _sz, _p, _sz, _p], _i),
+    "gptoss_matmul_q8": ([_p, _sz, _sz, _sz, _p, _p, _sz, _p, _p, _sz, _i], _i),
     "gptoss_matmul_cache_size": ([], _sz),
     "gptoss_matmul_cache_clear": ([], None),
     "gptoss_rmsnorm": ([_p, _p, _sz, _sz, _f, _p], _i),

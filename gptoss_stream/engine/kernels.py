@@ -160,6 +160,72 @@ def matmul(
     return out
 
 
+# ---------------------------------------------------------------- q8 (int8 + one fp16 scale per 32 values)
+
+
+Q8_BLOCK = 32
+
+
+def _check_q8(q: np.ndarray, scales: np.ndarray, qname: str = "q", sname: str = "scales") -> tuple[int, int]:
+    """A q8 pair: q [n, k] int8 and scales [n, k // 32] uint16 (fp16 bits), both C-contiguous; returns (n, k)."""
+    _check(qname, q, np.int8, ndim=2)
+    _check(sname, scales, np.uint16, ndim=2)
+    n, k = q.shape
+    if k == 0 or k % Q8_BLOCK or scales.shape != (n, k // Q8_BLOCK):
+        raise ValueError(f"{qname} {q.shape} and {sname} {scales.shape} are not a q8 pair "
+                         f"(k a multiple of {Q8_BLOCK}, one scale per {Q8_BLOCK} values)")
+    return n, k
+
+
+def quantize_q8(
+    w: np.ndarray, q_out: np.ndarray | None = None, scales_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 w [n, k] (k % 32 == 0) -> (q int8 [n, k], scales uint16 fp16 bits [n, k // 32]) by gptoss.h's
+    rule. KernelError (out of range) for inf/NaN or blocks beyond the fp16 scale range; outputs then unusable."""
+    _check("w", w, BF16, ndim=2)
+    n, k = w.shape
+    if n == 0 or k == 0 or k % Q8_BLOCK:
+        raise ValueError(f"w: expected [n, k] with k a positive multiple of {Q8_BLOCK}, got {w.shape}")
+    q = _out(q_out, (n, k), np.int8, "q_out")
+    scales = _out(scales_out, (n, k // Q8_BLOCK), np.uint16, "scales_out")
+    _lib.call("gptoss_quantize_q8_rows", _ptr(w), n, k, _ptr(q), _ptr(scales), context=f"w [{n}, {k}]")
+    return q, scales
+
+
+def dequantize_q8_rows(
+    q: np.ndarray, scales: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None,
+) -> np.ndarray:
+    """out[i] = bf16(q[rows[i]] * scale) for the int64 row indices rows -> bf16 [len(rows), k]."""
+    n, k = _check_q8(q, scales)
+    _check("rows", rows, np.int64, ndim=1)
+    if rows.shape[0] == 0:
+        raise ValueError("rows: empty")
+    out = _out(out, (rows.shape[0], k), BF16)
+    _lib.call("gptoss_dequantize_q8_rows", _ptr(q), _ptr(scales), n, k, _ptr(rows), rows.shape[0], _ptr(out),
+              context=f"q [{n}, {k}], {rows.shape[0]} rows")
+    return out
+
+
+def matmul_q8(
+    x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None,
+    out_dtype=BF16,
+) -> np.ndarray:
+    """y = x @ W.T + bias with W = q * scales (q8). x [m, k] bf16 (rows may be strided); out bf16 or float32."""
+    ldx = _check_rows("x", x, BF16)
+    n, k = _check_q8(q, scales)
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(f"q: expected [n, {x.shape[1]}] to match x {x.shape}, got {q.shape}")
+    out, ldy = _linear_bias_and_out(bias, out, m, n, out_dtype)
+    y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
+    if y_dtype is None:
+        raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
+    _lib.call("gptoss_matmul_q8", _ptr(x), m, k, ldx, _ptr(q), _ptr(scales), n, _ptr(bias), _ptr(out), ldy,
+              y_dtype, context=f"x [{m}, {k}] bf16, W [{n}, {k}] q8, bias {'yes' if bias is not None else 'no'}, "
+                               f"out [{m}, {n}] {out.dtype}")
+    return out
+
+
 def matmul_f32(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T in fp32 through oneDNN. x [m, k] float32 (rows may be strided), w [n, k] float32."""
     ldx = _check_rows("x", x, np.float32)
@@ -348,25 +414,44 @@ def kv_store(
 
 
 class AttentionWeights:
-    """One layer's attention weights (bf16, used in place), checked once and held as the C struct the
-    attention block takes. Give qkv_weight (one tensor) or q/k/v_weight; biases may be None."""
+    """One layer's attention weights (used in place), checked once and held as the C struct the attention
+    block takes. Give qkv_weight (one tensor) or q/k/v_weight, or the q8 pair qkv_q8 + qkv_scales (then no bf16
+    q/k/v weight; qkv_bias stays bf16); out_weight, or the q8 pair out_q8 + out_scales. Biases may be None."""
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, norm: np.ndarray,
-                 sinks: np.ndarray, out_weight: np.ndarray, out_bias: np.ndarray | None,
+                 sinks: np.ndarray, out_weight: np.ndarray | None, out_bias: np.ndarray | None,
                  qkv_weight: np.ndarray | None = None, qkv_bias: np.ndarray | None = None,
                  q_weight: np.ndarray | None = None, q_bias: np.ndarray | None = None,
                  k_weight: np.ndarray | None = None, k_bias: np.ndarray | None = None,
-                 v_weight: np.ndarray | None = None, v_bias: np.ndarray | None = None):
+                 v_weight: np.ndarray | None = None, v_bias: np.ndarray | None = None,
+                 qkv_q8: np.ndarray | None = None, qkv_scales: np.ndarray | None = None,
+                 out_q8: np.ndarray | None = None, out_scales: np.ndarray | None = None):
         q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-        expected = {"norm": (hidden,), "sinks": (n_heads,), "out_weight": (hidden, q_dim), "out_bias": (hidden,)}
-        if qkv_weight is not None:
-            expected |= {"qkv_weight": (q_dim + 2 * kv_dim, hidden), "qkv_bias": (q_dim + 2 * kv_dim,)}
+        qkv_dim = q_dim + 2 * kv_dim
+        expected = {"norm": (hidden,), "sinks": (n_heads,), "out_bias": (hidden,)}
+        q8_pairs = {}  # name of the int8 tensor -> (its scales' name, [n, k])
+        if out_q8 is not None or out_scales is not None:
+            if out_weight is not None:
+                raise ValueError("out_weight: give either out_weight or out_q8 + out_scales, not both")
+            q8_pairs["out_q8"] = ("out_scales", (hidden, q_dim))
+        else:
+            expected["out_weight"] = (hidden, q_dim)
+        if qkv_q8 is not None or qkv_scales is not None:
+            for name, a in (("qkv_weight", qkv_weight), ("q_weight", q_weight), ("k_weight", k_weight),
+                            ("v_weight", v_weight), ("q_bias", q_bias), ("k_bias", k_bias), ("v_bias", v_bias)):
+                if a is not None:
+                    raise ValueError(f"{name}: not used with qkv_q8 (the q8 projection takes qkv_bias only)")
+            q8_pairs["qkv_q8"] = ("qkv_scales", (qkv_dim, hidden))
+            expected["qkv_bias"] = (qkv_dim,)
+        elif qkv_weight is not None:
+            expected |= {"qkv_weight": (qkv_dim, hidden), "qkv_bias": (qkv_dim,)}
         else:
             expected |= {"q_weight": (q_dim, hidden), "q_bias": (q_dim,), "k_weight": (kv_dim, hidden),
                          "k_bias": (kv_dim,), "v_weight": (kv_dim, hidden), "v_bias": (kv_dim,)}
         given = {"norm": norm, "sinks": sinks, "out_weight": out_weight, "out_bias": out_bias,
                  "qkv_weight": qkv_weight, "qkv_bias": qkv_bias, "q_weight": q_weight, "q_bias": q_bias,
-                 "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias}
+                 "k_weight": k_weight, "k_bias": k_bias, "v_weight": v_weight, "v_bias": v_bias,
+                 "qkv_q8": qkv_q8, "qkv_scales": qkv_scales, "out_q8": out_q8, "out_scales": out_scales}
         for name, shape in expected.items():
             a = given[name]
             if a is None:
@@ -376,6 +461,12 @@ class AttentionWeights:
             _check(name, a, BF16, ndim=len(shape))
             if a.shape != shape:
                 raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+        for qname, (sname, shape) in q8_pairs.items():
+            if given[qname] is None or given[sname] is None:
+                raise ValueError(f"{qname} and {sname}: give both")
+            if _check_q8(given[qname], given[sname], qname, sname) != shape:
+                raise ValueError(f"{qname}: expected shape {shape}, got {given[qname].shape}")
+            expected[qname] = expected[sname] = shape
         self.shape = (hidden, n_heads, n_kv_heads, head_dim)
         self._arrays = {name: given[name] for name in expected}  # keeps the weights alive with the struct
         self._struct, self.address = _lib.attention_weights(**{n: _ptr(a) for n, a in self._arrays.items()})

@@ -21,7 +21,7 @@ from gptoss_stream.engine.kvcache import KVCache
 from gptoss_stream.streaming.experts import MappedExpertStore
 from gptoss_stream.weights.checkpoint import Checkpoint
 from gptoss_stream.weights.config import ModelConfig
-from gptoss_stream.weights.layouts.base import LayerWeights
+from gptoss_stream.weights.layouts.base import LayerWeights, Q8Weight
 
 BF16 = np.uint16
 SWIGLU_ALPHA = 1.702
@@ -143,12 +143,17 @@ class Model:
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         x = self.state.x[:tokens.size]
-        np.take(self.embedding, tokens, axis=0, out=x)
+        if isinstance(self.embedding, Q8Weight):  # repack --dense q8: the rows dequantized to bf16
+            kernels.dequantize_q8_rows(self.embedding.values, self.embedding.scales, tokens, out=x)
+        else:
+            np.take(self.embedding, tokens, axis=0, out=x)
         return x
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """fp32 logits [m, V] of the residual stream x [m, H] (final norm, then unembedding, no bias)."""
         t = kernels.rmsnorm(x, self.final_norm, self.config.rms_norm_eps, out=self.state.t[:x.shape[0]])
+        if isinstance(self.unembedding, Q8Weight):
+            return kernels.matmul_q8(t, self.unembedding.values, self.unembedding.scales, out_dtype=np.float32)
         return kernels.matmul(t, self.unembedding, out_dtype=np.float32)
 
     def layer_forward(self, layer: int, x: np.ndarray, cache: KVCache, first_position: int) -> np.ndarray:
@@ -160,9 +165,18 @@ class Model:
     # ------------------------------------------------------------------ attention block
 
     def bind_attention_weights(self, w: LayerWeights) -> kernels.AttentionWeights:
-        cfg = self.config
         """The layer's attention weights as the attention block takes them (bound once, at construction: a
         LayerWeights array replaced later needs binding again)."""
+        cfg = self.config
+        if isinstance(w.qkv_weight, Q8Weight) or isinstance(w.out_weight, Q8Weight):
+            # repack --dense q8 stores both projections as q8 (and always the fused qkv)
+            if not (isinstance(w.qkv_weight, Q8Weight) and isinstance(w.out_weight, Q8Weight)):
+                raise ValueError("q8 attention weights: qkv and out must both be q8")
+            return kernels.AttentionWeights(
+                cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, norm=w.attn_norm,
+                sinks=w.sinks, out_weight=None, out_bias=w.out_bias, qkv_bias=w.qkv_bias,
+                qkv_q8=w.qkv_weight.values, qkv_scales=w.qkv_weight.scales, out_q8=w.out_weight.values,
+                out_scales=w.out_weight.scales)
         return kernels.AttentionWeights(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, norm=w.attn_norm,
             sinks=w.sinks, out_weight=w.out_weight, out_bias=w.out_bias, qkv_weight=w.qkv_weight,

@@ -4,7 +4,7 @@ What a run holds, and why each part is sized the way it is:
 - runtime: the interpreter, numpy, libgptoss + oneDNN and the o200k tokenizer (~150 MB anonymous + ~30 MB
   of shared libraries, measured with a 64-token prefill on the full-width 2-layer checkpoint).
 - dense weights: every token reads all of attention, routers, norms and the unembedding (2.43 GB bf16 on
-  20b), from the mapping, so those pages must stay in the page cache, and in a memory cgroup the page
+  20b; ~1.3 GB from a `repack --dense q8` checkpoint, whose expert cache gets the difference), from the mapping, so those pages must stay in the page cache, and in a memory cgroup the page
   cache counts against the limit. Of the embedding only the rows of the tokens seen are touched.
 - KV cache: full-attention layers for the whole context, sliding layers as rings (kvcache.KVCache).
 - scratch: the RunState buffers, logits and the sampler's copies of them.
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from gptoss_stream.errors import InputError, UserError
 from gptoss_stream.progress import format_bytes
 from gptoss_stream.weights.config import ModelConfig, layer_capacity
-from gptoss_stream.weights.layouts.base import EXPERT_PIECES, MAPPED_EXPERT_PIECES, TensorRange, original_tensors
+from gptoss_stream.weights.layouts.base import (
+    EXPERT_PIECES, MAPPED_EXPERT_PIECES, Q8_BLOCK, TensorRange, is_q8_weight, original_tensors,
+)
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
@@ -113,12 +115,13 @@ class MemoryPlan:
         return self.runtime + self.kv_cache + self.scratch + self.expert_cache
 
     layers: int = 1      # the model's layers (the cache's per-layer share in describe())
+    dense_format: str = "bf16"  # the checkpoint's: "q8" (repack --dense q8) holds ~half the dense bytes
 
     def describe(self) -> str:
         share = self.expert_slots / self.total_experts if self.total_experts else 0.0
         per_layer = self.total_experts // max(self.layers, 1)
         return (f"RAM budget {format_size(self.budget)}: runtime {format_size(self.runtime)}, dense weights "
-                f"(page cache) {format_size(self.dense)}, KV cache {format_size(self.kv_cache)}, scratch "
+                f"({self.dense_format}, page cache) {format_size(self.dense)}, KV cache {format_size(self.kv_cache)}, scratch "
                 f"{format_size(self.scratch)}, reserve {format_size(self.reserve)}, expert cache "
                 f"{format_size(self.expert_cache)} = {self.expert_slots} of {self.total_experts} experts "
                 f"({share:.0%}, {self.expert_slots / max(self.layers, 1):.1f} of {per_layer} per layer); "
@@ -130,20 +133,25 @@ def _is_streamed(name: str) -> bool:
     return suffix in EXPERT_PIECES and suffix not in MAPPED_EXPERT_PIECES
 
 
-def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096) -> int:
+def dense_nbytes(config: ModelConfig, context_length: int, page: int = 4096, dense_format: str = "bf16") -> int:
     """Page-cache bytes of the dense weights a run touches: all but the streamed expert pieces; of the
-    embedding, the pages of at most `context_length` distinct rows."""
+    embedding, the pages of at most `context_length` distinct rows. dense_format "q8": the q8 weights
+    (layouts/base.py Q8_WEIGHTS) as int8 values + one fp16 scale per 32."""
     total = 0
     for name, (dtype, shape) in original_tensors(config).items():
         if _is_streamed(name):
             continue
-        nbytes = 2 if dtype == "BF16" else 1
-        for d in shape:
-            nbytes *= d
+        q8 = dense_format == "q8" and is_q8_weight(name)
+        # per row: the bf16 row, or (int8 row, its fp16 scales): two separate places in the file
+        rows_bytes = [shape[-1], shape[-1] // Q8_BLOCK * 2] if q8 else [(2 if dtype == "BF16" else 1) * shape[-1]]
+        n = 1
+        for d in shape[:-1]:
+            n *= d
+        nbytes = n * sum(rows_bytes)
         if name == "embedding.weight":
-            row = nbytes // shape[0]
             rows = min(shape[0], context_length)
-            nbytes = min(nbytes, rows * (-(-row // page) + 1) * page)  # a row can straddle one more page
+            # a row can straddle one more page (each part of it, for q8)
+            nbytes = min(nbytes, rows * sum(-(-row // page) + 1 for row in rows_bytes) * page)
         total += nbytes
     return total
 
@@ -201,25 +209,26 @@ def scratch_nbytes(config: ModelConfig, max_chunk: int) -> int:
 
 
 def _plan_parts(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
-                runtime: int, reserve: int) -> MemoryPlan:
+                runtime: int, reserve: int, dense_format: str) -> MemoryPlan:
     total_experts = config.num_hidden_layers * config.num_experts
     return MemoryPlan(
-        budget=budget, runtime=runtime, dense=dense_nbytes(config, context_length),
+        budget=budget, runtime=runtime, dense=dense_nbytes(config, context_length, dense_format=dense_format),
         kv_cache=kv_cache_nbytes(config, context_length, max_chunk), scratch=scratch_nbytes(config, max_chunk),
         reserve=reserve, slot_bytes=slot_bytes, expert_slots=0,
         min_expert_slots=min(total_experts, MIN_PREFETCH_LAYERS * config.experts_per_token),
-        total_experts=total_experts, layers=config.num_hidden_layers,
+        total_experts=total_experts, layers=config.num_hidden_layers, dense_format=dense_format,
     )
 
 
 def longest_context(config: ModelConfig, slot_bytes: int, budget: int, max_chunk: int,
-                    runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> int:
+                    runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES, dense_format: str = "bf16") -> int:
     """The longest context (tokens, at most config.max_context) whose plan fits in `budget`; 0 if none does.
 
     The minimum grows with the context (full-attention layers keep every position's keys and values, and the
     embedding rows the plan counts follow it), so a bisection finds the largest that fits."""
     def fits(context: int) -> bool:
-        return _plan_parts(config, slot_bytes, budget, context, max_chunk, runtime, reserve).minimum <= budget
+        return _plan_parts(config, slot_bytes, budget, context, max_chunk, runtime, reserve,
+                           dense_format).minimum <= budget
 
     if not fits(1):
         return 0
@@ -233,15 +242,15 @@ def longest_context(config: ModelConfig, slot_bytes: int, budget: int, max_chunk
 
 
 def plan_memory(config: ModelConfig, slot_bytes: int, budget: int, context_length: int, max_chunk: int,
-                runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES) -> MemoryPlan:
+                runtime: int = RUNTIME_BYTES, reserve: int = RESERVE_BYTES, dense_format: str = "bf16") -> MemoryPlan:
     """Split `budget` (bytes); BudgetError naming the minimum (and the longest context that would fit) if it
     cannot hold the fixed parts and the minimum expert cache."""
     if budget <= 0:
         raise BudgetError(f"RAM budget must be positive, got {budget}")
-    plan = _plan_parts(config, slot_bytes, budget, context_length, max_chunk, runtime, reserve)
+    plan = _plan_parts(config, slot_bytes, budget, context_length, max_chunk, runtime, reserve, dense_format)
     slots = min(plan.total_experts, max(0, budget - plan.fixed) // slot_bytes)
     if slots < plan.min_expert_slots:
-        longest = longest_context(config, slot_bytes, budget, max_chunk, runtime, reserve)
+        longest = longest_context(config, slot_bytes, budget, max_chunk, runtime, reserve, dense_format)
         hint = (f"at this budget --context {longest} is the longest that fits" if longest
                 else "no --context fits this budget")
         raise BudgetError(

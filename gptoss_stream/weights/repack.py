@@ -39,10 +39,11 @@ from gptoss_stream.progress import ProgressBar, format_bytes
 from gptoss_stream.weights.checkpoint import open_user_checkpoint
 from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.fileio import pread_into
-from gptoss_stream.weights.layouts.base import TensorRange
+from gptoss_stream.weights.layouts.base import Q8_BLOCK, Q8_SCALES_SUFFIX, Q8_VALUES_SUFFIX, TensorRange
 from gptoss_stream.weights.layouts.repacked import (
-    DEFAULT_ALIGN, FORMAT_NAME, FORMAT_VERSION, MANIFEST, MANIFEST_PARTIAL, SHARD_METADATA, SHARD_PREFIX,
-    Record, RepackedCheckpoint, config_to_json, expert_pieces, read_manifest, records, round_up,
+    DEFAULT_ALIGN, FORMAT_NAME, FORMAT_VERSIONS, MANIFEST, MANIFEST_PARTIAL, SHARD_PREFIX, Record,
+    RepackedCheckpoint, check_dense_format, config_to_json, expert_pieces, read_manifest, records, round_up,
+    shard_metadata,
 )
 from gptoss_stream.weights.safetensors_file import SafetensorsFile, tensor_nbytes
 
@@ -73,7 +74,8 @@ class ShardPlan:
         return len(self.header) + sum(p.length for p in self.records)
 
 
-_META_ENTRY = '"__metadata__":' + json.dumps(SHARD_METADATA, separators=(",", ":"))
+def _meta_entry(dense: str) -> str:
+    return '"__metadata__":' + json.dumps(shard_metadata(dense), separators=(",", ":"))
 
 
 def _entry(name: str, dtype: str, shape: tuple[int, ...], begin: int) -> str:
@@ -95,8 +97,8 @@ def _record_entries(r: Record, rel: int, align: int) -> list[str]:
     return out
 
 
-def _header(entries: list[str], align: int) -> bytes:
-    body = ("{" + ",".join([_META_ENTRY, *entries]) + "}").encode("ascii")
+def _header(entries: list[str], align: int, dense: str = "bf16") -> bytes:
+    body = ("{" + ",".join([_meta_entry(dense), *entries]) + "}").encode("ascii")
     total = round_up(8 + len(body), align)
     return struct.pack("<Q", total - 8) + body + b" " * (total - 8 - len(body))
 
@@ -105,24 +107,30 @@ def shard_name(i: int, count: int) -> str:
     return f"{SHARD_PREFIX}{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def plan(cfg: ModelConfig, shard_size: int = DEFAULT_SHARD_SIZE, align: int = DEFAULT_ALIGN) -> list[ShardPlan]:
+def plan(cfg: ModelConfig, shard_size: int = DEFAULT_SHARD_SIZE, align: int = DEFAULT_ALIGN,
+         dense: str = "bf16") -> list[ShardPlan]:
     """Place every record, in file order, into shards of at most shard_size bytes (header included).
 
     A record is never split: one larger than shard_size gets a shard of its own.
     """
     check_options(shard_size, align)
+    try:
+        check_dense_format(cfg, dense)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    meta = _meta_entry(dense)
     groups: list[tuple[list[str], list[tuple[Record, int, int]]]] = []
     entries: list[str] = []
     placed: list[tuple[Record, int, int]] = []
     data = 0
-    body = 2 + len(_META_ENTRY)  # "{" + metadata + "}", then "," + entry per tensor
-    for r in records(cfg):
+    body = 2 + len(meta)  # "{" + metadata + "}", then "," + entry per tensor
+    for r in records(cfg, dense):
         length = round_up(r.nbytes, align)
         new = _record_entries(r, data, align)
         grown = body + sum(len(e) + 1 for e in new)
         if placed and round_up(8 + grown, align) + data + length > shard_size:
             groups.append((entries, placed))
-            entries, placed, data, body = [], [], 0, 2 + len(_META_ENTRY)
+            entries, placed, data, body = [], [], 0, 2 + len(meta)
             new = _record_entries(r, 0, align)
             grown = body + sum(len(e) + 1 for e in new)
         entries += new
@@ -132,7 +140,7 @@ def plan(cfg: ModelConfig, shard_size: int = DEFAULT_SHARD_SIZE, align: int = DE
     groups.append((entries, placed))
     shards = []
     for i, (entries, placed) in enumerate(groups):
-        header = _header(entries, align)
+        header = _header(entries, align, dense)
         shards.append(ShardPlan(shard_name(i, len(groups)), header,
                                 tuple(PlacedRecord(r, len(header) + rel, length) for r, rel, length in placed)))
     return shards
@@ -156,13 +164,15 @@ def source_identity(ckpt) -> dict[str, Any]:
 
 
 def build_manifest(cfg: ModelConfig, shards: list[ShardPlan], align: int, shard_size: int,
-                   source: dict[str, Any]) -> dict[str, Any]:
-    """The manifest with every sha256 still null (they are filled in as shards are written)."""
+                   source: dict[str, Any], dense: str = "bf16") -> dict[str, Any]:
+    """The manifest with every sha256 still null (they are filled in as shards are written). A bf16 one is
+    exactly version 1's (no "dense_format" key); q8 is version 2 (layouts/repacked.py, FORMAT_VERSIONS)."""
     pieces = expert_pieces(cfg)
     record_bytes = sum(tensor_nbytes(dtype, shape) for _, _, dtype, shape in pieces)
     m: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSIONS[dense],
+        **({} if dense == "bf16" else {"dense_format": dense}),
         "config": config_to_json(cfg),
         "align": align,
         "shard_size": shard_size,
@@ -247,8 +257,31 @@ def _manifest_text(m: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- reading the source
 
-def source_ranges(src, r: Record) -> list[list[TensorRange]]:
-    """For each tensor of record r, the source byte ranges whose concatenation is its content."""
+@dataclass(frozen=True)
+class Q8Source:
+    """A q8 tensor pair (NAME.q8, NAME.q8_scales) made by quantizing the source's bf16 NAME: its row-major
+    bytes are the concatenation of `ranges` (q, k, v apart in a Hugging Face source)."""
+    ranges: tuple[TensorRange, ...]
+    rows: int
+    cols: int
+
+
+# What source_ranges gives per tensor of a record: byte ranges to copy; a Q8Source for NAME.q8 (which
+# produces NAME.q8_scales too); None for that NAME.q8_scales.
+TensorSource = list[TensorRange] | Q8Source | None
+
+
+def _ranges_of(src, name: str) -> list[TensorRange]:
+    if ".attn.qkv." in name:
+        # The fused original tensor; an HF source has q, k, v apart: their rows back to back are qkv.
+        prefix, kind = name.split(".attn.qkv.")
+        return [src.tensor_range(f"{prefix}.attn.{x}.{kind}") for x in "qkv"]
+    return [src.tensor_range(name)]
+
+
+def source_ranges(src, r: Record) -> list[TensorSource]:
+    """For each tensor of record r, the source byte ranges whose concatenation is its content (or how to
+    quantize it, Q8Source, when r stores as q8 a weight the source has in bf16)."""
     if r.expert >= 0:
         if isinstance(src, RepackedCheckpoint):
             pieces = src.expert_piece_ranges(r.layer, r.expert)
@@ -257,14 +290,22 @@ def source_ranges(src, r: Record) -> list[list[TensorRange]]:
         out = [[p] for p in pieces]
     else:
         out = []
+        src_q8 = getattr(src, "dense_format", "bf16") == "q8"
         for t in r.tensors:
-            if ".attn.qkv." in t.name:
-                # The fused original tensor; an HF source has q, k, v apart: their rows back to back are qkv.
-                prefix, kind = t.name.split(".attn.qkv.")
-                out.append([src.tensor_range(f"{prefix}.attn.{x}.{kind}") for x in "qkv"])
+            if t.name.endswith(Q8_SCALES_SUFFIX) and not src_q8:
+                out.append(None)  # written with its values
+            elif t.name.endswith(Q8_VALUES_SUFFIX) and not src_q8:
+                ranges = _ranges_of(src, t.name.removesuffix(Q8_VALUES_SUFFIX))
+                rows, cols = t.shape
+                if sum(x.nbytes for x in ranges) != rows * cols * 2 or any(x.nbytes % (cols * 2) for x in ranges):
+                    raise DataError(f"{t.name}: the source has {sum(x.nbytes for x in ranges)} bytes for it, "
+                                    f"expected {rows * cols * 2} (bf16 [{rows}, {cols}])")
+                out.append(Q8Source(tuple(ranges), rows, cols))
             else:
-                out.append([src.tensor_range(t.name)])
+                out.append(_ranges_of(src, t.name))
     for t, ranges in zip(r.tensors, out):
+        if not isinstance(ranges, list):
+            continue
         if sum(x.nbytes for x in ranges) != t.nbytes:
             raise DataError(f"{t.name}: the source has {sum(x.nbytes for x in ranges)} bytes for it, "
                                f"expected {t.nbytes}")
@@ -297,6 +338,48 @@ class _Files:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+
+
+# ---------------------------------------------------------------------------- quantizing (--dense q8)
+
+def q8_chunks(files: _Files, q: Q8Source, buf: memoryview) -> Any:
+    """The bytes of NAME.q8 then NAME.q8_scales, made from the bf16 source rows: yields memoryviews, valid
+    until the next one. Rows are read into `buf` (CHUNK bytes) a chunk at a time and quantized with
+    kernels.quantize_q8, so memory stays bounded: the values go out chunk by chunk, the scales (1/16 of the
+    values' bytes: 36 MB for gpt-oss's embedding) are kept until the values are out."""
+    from gptoss_stream.engine import kernels  # the C library: only a q8 repack needs it
+
+    row = q.cols * 2
+    per = max(1, len(buf) // row)
+    scales = np.empty((q.rows, q.cols // Q8_BLOCK), dtype=np.uint16)
+    done = 0
+    for r in q.ranges:
+        pos = 0
+        while pos < r.nbytes:
+            n = min(per, (r.nbytes - pos) // row)
+            chunk = buf[:n * row]
+            files.read_into(r.path, r.offset + pos, chunk)
+            values, s = kernels.quantize_q8(np.frombuffer(chunk, np.uint16).reshape(n, q.cols))
+            scales[done:done + n] = s
+            yield memoryview(np.ascontiguousarray(values)).cast("B")
+            pos += n * row
+            done += n
+    yield memoryview(scales).cast("B")
+
+
+def _q8_buffer() -> memoryview:
+    return memoryview(bytearray(CHUNK))
+
+
+def _source_paths(sources: list[TensorSource]) -> list[TensorRange]:
+    """Every source range of a record's tensors (for prefetching and error messages)."""
+    out: list[TensorRange] = []
+    for s in sources:
+        if isinstance(s, Q8Source):
+            out.extend(s.ranges)
+        elif s is not None:
+            out.extend(s)
+    return out
 
 
 # ---------------------------------------------------------------------------- writing a shard
@@ -428,7 +511,12 @@ def check_copied_source(src, files: _Files, shard: ShardPlan, manifest: dict[str
         sha = hashlib.sha256()
         sources = source_ranges(src, placed.record)
         for ranges in sources:
-            for r in ranges:
+            if isinstance(ranges, Q8Source):
+                for chunk in q8_chunks(files, ranges, buf):
+                    sha.update(chunk)
+                    bar.update(len(chunk))
+                continue
+            for r in ranges or ():
                 done = 0
                 while done < r.nbytes:
                     n = min(CHUNK, r.nbytes - done)
@@ -438,17 +526,16 @@ def check_copied_source(src, files: _Files, shard: ShardPlan, manifest: dict[str
                     done += n
         sha.update(bytes(placed.length - placed.record.nbytes))
         if sha.hexdigest() != record_entry(manifest, placed.record).get("sha256"):
-            paths = ", ".join(sorted({r.path for ranges in sources for r in ranges}))
+            paths = ", ".join(sorted({r.path for r in _source_paths(sources)}))
             raise DataError(f"{paths}: changed since the interrupted repack began: record {placed.record.name}, "
                             f"already copied into {shard.file}, now has other content; re-run with --force to "
                             f"start over")
 
 
-def _prefetch(files: _Files, sources: list[list[TensorRange]]) -> None:
+def _prefetch(files: _Files, sources: list[TensorSource]) -> None:
     """Start reading the next record's source (the first CHUNK of each range; readahead does the rest)."""
-    for ranges in sources:
-        for r in ranges:
-            files.prefetch(r.path, r.offset, min(r.nbytes, CHUNK))
+    for r in _source_paths(sources):
+        files.prefetch(r.path, r.offset, min(r.nbytes, CHUNK))
 
 
 def write_shard(path: Path, shard: ShardPlan, src, files: _Files, written: _Written, bar: ProgressBar,
@@ -463,12 +550,18 @@ def write_shard(path: Path, shard: ShardPlan, src, files: _Files, written: _Writ
         record_shas = []
         zeros = bytes(max((p.length - p.record.nbytes for p in shard.records), default=0))
         sources = [source_ranges(src, p.record) for p in shard.records]
+        q8_buf: memoryview | None = None
         for j, placed in enumerate(shard.records):
             sha = hashlib.sha256()
             if j + 1 < len(sources):
                 _prefetch(files, sources[j + 1])
             for ranges in sources[j]:
-                for r in ranges:
+                if isinstance(ranges, Q8Source):
+                    q8_buf = q8_buf or _q8_buffer()
+                    for chunk in q8_chunks(files, ranges, q8_buf):
+                        writer.put(chunk, sha)
+                    continue
+                for r in ranges or ():
                     done = 0
                     while done < r.nbytes:
                         out = writer.space(r.nbytes - done)
@@ -556,10 +649,26 @@ def _disk_error(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def choose_dense(src, dense: str | None) -> str:
+    """The dense format to write: `dense`, or by default the source's (bf16 for a published checkpoint). A
+    q8 source cannot give bf16 back (the quantization dropped bits): InputError saying what to do instead."""
+    have = getattr(src, "dense_format", "bf16")
+    if dense is None:
+        return have
+    if have == "q8" and dense != "q8":
+        raise InputError(f"{src.path}: stores its dense weights as q8; they cannot be converted back to {dense} "
+                         f"(quantizing dropped bits): repack the original or Hugging Face checkpoint instead, or "
+                         f"pass --dense q8 to rewrite this one")
+    return dense
+
+
 def repack(src: str | os.PathLike, dst: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE,
-           align: int = DEFAULT_ALIGN, verify: bool = False, force: bool = False, progress: bool = True) -> RepackResult:
+           align: int = DEFAULT_ALIGN, verify: bool = False, force: bool = False, progress: bool = True,
+           dense: str | None = None) -> RepackResult:
     """Rewrite checkpoint SRC (original, HF or repacked) into the repacked layout in directory DST.
 
+    dense: "bf16" (the source's bytes, unchanged), "q8" (attention, embedding and unembedding matrices as int8
+    with one fp16 scale per 32 values), or None: the source's own format.
     Re-running after an interruption resumes; re-running after completion does nothing (and verifies if asked).
     """
     check_options(shard_size, align)
@@ -571,8 +680,9 @@ def repack(src: str | os.PathLike, dst: str | os.PathLike, shard_size: int = DEF
         if dst.resolve() == Path(ckpt.path).resolve():
             raise InputError(f"{dst}: is the source checkpoint's own directory; choose another DST")
         cfg = ckpt.config
-        shards = plan(cfg, shard_size, align)
-        skeleton = build_manifest(cfg, shards, align, shard_size, source_identity(ckpt))
+        dense = choose_dense(ckpt, dense)
+        shards = plan(cfg, shard_size, align, dense)
+        skeleton = build_manifest(cfg, shards, align, shard_size, source_identity(ckpt), dense)
         status, manifest = prepare_destination(dst, skeleton, force)
         total = sum(s.size for s in shards)
         if status == "complete":
@@ -678,9 +788,11 @@ def verify_repack(dst: str | os.PathLike, src: str | os.PathLike, progress: bool
     with rp, open_user_checkpoint(src) as ck:
         if rp.config != ck.config:
             raise DataError(f"{dst}: its config differs from {src}'s")
+        if rp.dense_format == "bf16" and ck.dense_format != "bf16":
+            raise DataError(f"{dst}: has bf16 dense weights, {src} {ck.dense_format}: not a repack of it")
         m = rp.manifest
         by_shard: dict[int, list[tuple[Record, dict[str, Any]]]] = {}
-        for r in records(rp.config):
+        for r in records(rp.config, rp.dense_format):
             entry = record_entry(m, r)
             by_shard.setdefault(entry["shard"], []).append((r, entry))
         total = rp.nbytes()
@@ -695,6 +807,31 @@ def verify_repack(dst: str | os.PathLike, src: str | os.PathLike, progress: bool
         return total
 
 
+def _verify_q8(f: SafetensorsFile, name: str, q: Q8Source, pos: int, read, rsha, src_files: _Files,
+               buf: memoryview) -> int:
+    """Check NAME.q8 and NAME.q8_scales, starting at DST byte `pos`, against a fresh quantization of the
+    source; returns the position after them."""
+    scales_name = name.removesuffix(Q8_VALUES_SUFFIX) + Q8_SCALES_SUFFIX
+    start, values_bytes = pos, q.rows * q.cols
+    for want in q8_chunks(src_files, q, buf):
+        tensor = name if pos < start + values_bytes else scales_name
+        info = f.info(tensor)
+        if tensor == scales_name and pos == start + values_bytes and info.offset != pos:
+            raise DataError(f"{f.path}: tensor {tensor} is at byte {info.offset}, expected {pos}")
+        done = 0
+        while done < len(want):
+            n = min(CHUNK, len(want) - done)
+            got = np.frombuffer(read(pos, n, rsha), np.uint8)
+            w = np.frombuffer(want[done:done + n], np.uint8)
+            if not np.array_equal(got, w):
+                first = int(np.flatnonzero(got != w)[0])
+                raise DataError(f"{f.path}: tensor {tensor} differs from a fresh q8 quantization of the source at "
+                                f"its byte {pos + first - info.offset}")
+            pos += n
+            done += n
+    return pos
+
+
 def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Record, dict[str, Any]]], src,
                   dst_files: _Files, src_files: _Files, bar: ProgressBar) -> None:
     sha = hashlib.sha256()
@@ -702,6 +839,7 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
     bufs = [bytearray(CHUNK), bytearray(CHUNK)]
     pending: list[Future | None] = [None, None]
     src_buf = memoryview(bytearray(CHUNK))
+    q8_buf: memoryview | None = None
     cur = 0
 
     def read(offset: int, n: int, record_sha: Any | None) -> memoryview:
@@ -733,9 +871,15 @@ def _verify_shard(f: SafetensorsFile, shard: dict[str, Any], recs: list[tuple[Re
                 _prefetch(src_files, sources[j + 1])
             rsha = hashlib.sha256()
             for t, ranges in zip(r.tensors, sources[j]):
+                if ranges is None:
+                    continue  # NAME.q8_scales: checked with NAME.q8
                 info = f.info(t.name)
                 if info.offset != pos:
                     raise DataError(f"{f.path}: tensor {t.name} is at byte {info.offset}, expected {pos}")
+                if isinstance(ranges, Q8Source):
+                    q8_buf = q8_buf or _q8_buffer()
+                    pos = _verify_q8(f, t.name, ranges, pos, read, rsha, src_files, q8_buf)
+                    continue
                 for s in ranges:
                     done = 0
                     while done < s.nbytes:

@@ -9,6 +9,7 @@ weights/checkpoint.py's `open_checkpoint`; nothing below the opener needs to kno
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -52,7 +53,52 @@ def original_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]
     return out
 
 
+# The bf16 weights `gptoss repack --dense q8` stores as int8 + one fp16 scale per 32 values of a row
+# (docs/repacked-format.md): what every token reads most of. The router (mlp.gate.weight) stays bf16 on
+# purpose: its logits pick experts, a discrete decision a small error can flip, and it is 0.2% of the bytes.
+Q8_WEIGHTS: tuple[str, ...] = ("embedding.weight", "attn.qkv.weight", "attn.out.weight", "unembedding.weight")
+Q8_BLOCK = 32
+Q8_VALUES_SUFFIX = ".q8"          # "block.3.attn.qkv.weight.q8": I8 [n, k]
+Q8_SCALES_SUFFIX = ".q8_scales"   # "block.3.attn.qkv.weight.q8_scales": F16 [n, k/32]
+DENSE_FORMATS: tuple[str, ...] = ("bf16", "q8")
+
+
+def is_q8_weight(name: str) -> bool:
+    """True for the original-format names a q8 checkpoint stores as int8 + scales."""
+    return name in ("embedding.weight", "unembedding.weight") or (
+        name.startswith("block.") and name.split(".", 2)[-1] in Q8_WEIGHTS)
+
+
 # ---------------------------------------------------------------------------- public records
+
+@dataclass(frozen=True)
+class Q8Weight:
+    """A [n, k] weight stored as int8 values with one fp16 scale per 32 consecutive values of a row:
+    w[r, c] = values[r, c] * fp16(scales[r, c // 32]). Read-only views into the mapping."""
+    values: np.ndarray  # [n, k] int8
+    scales: np.ndarray  # [n, k/32] uint16: IEEE binary16 bits
+
+    BLOCK: ClassVar[int] = Q8_BLOCK
+
+    def __post_init__(self) -> None:
+        v, s = self.values, self.scales
+        if v.dtype != np.int8 or s.dtype != np.uint16:
+            raise ValueError(f"Q8Weight: values must be int8 and scales uint16, got {v.dtype} and {s.dtype}")
+        if v.ndim != 2 or v.shape[1] % Q8_BLOCK or s.shape != (v.shape[0], v.shape[1] // Q8_BLOCK):
+            raise ValueError(f"Q8Weight: values {list(v.shape)} need scales [n, k/{Q8_BLOCK}], got {list(s.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+    def rows(self, start: int, stop: int) -> "Q8Weight":
+        """Rows [start, stop) (views)."""
+        return Q8Weight(self.values[start:stop], self.scales[start:stop])
+
 
 @dataclass(frozen=True)
 class TensorRange:
@@ -63,21 +109,22 @@ class TensorRange:
 
 @dataclass
 class LayerWeights:
-    """One layer's dense weights: read-only views into the mapping, bf16 as np.uint16."""
+    """One layer's dense weights: read-only views into the mapping, bf16 as np.uint16; the attention
+    matrices are Q8Weight in a q8 checkpoint (NamedWeights.dense_format == "q8")."""
     attn_norm: np.ndarray    # [H]
-    q_weight: np.ndarray     # [nq*hd, H]
+    q_weight: np.ndarray | Q8Weight  # [nq*hd, H]
     q_bias: np.ndarray       # [nq*hd]
-    k_weight: np.ndarray     # [nkv*hd, H]
+    k_weight: np.ndarray | Q8Weight  # [nkv*hd, H]
     k_bias: np.ndarray       # [nkv*hd]
-    v_weight: np.ndarray     # [nkv*hd, H]
+    v_weight: np.ndarray | Q8Weight  # [nkv*hd, H]
     v_bias: np.ndarray       # [nkv*hd]
     sinks: np.ndarray        # [nq]
-    out_weight: np.ndarray   # [H, nq*hd]
+    out_weight: np.ndarray | Q8Weight  # [H, nq*hd]
     out_bias: np.ndarray     # [H]
     mlp_norm: np.ndarray     # [H]
     gate_weight: np.ndarray  # [E, H]
     gate_bias: np.ndarray    # [E]
-    qkv_weight: np.ndarray | None  # [(nq+2nkv)*hd, H] when q, k, v are adjacent in the file, else None
+    qkv_weight: np.ndarray | Q8Weight | None  # [(nq+2nkv)*hd, H] when q, k, v are adjacent in the file, else None
     qkv_bias: np.ndarray | None    # [(nq+2nkv)*hd] likewise
 
 
@@ -108,9 +155,15 @@ class NamedWeights:
     """
 
     config: ModelConfig
+    # "bf16": the published dense weights; "q8": `gptoss repack --dense q8` (Q8_WEIGHTS are Q8Weight)
+    dense_format: str = "bf16"
 
     def tensor(self, key: str) -> np.ndarray:
         raise NotImplementedError
+
+    def weight(self, key: str) -> np.ndarray | Q8Weight:
+        """A weight matrix by its original-format name, as the layout stores it (bf16, or Q8Weight)."""
+        return self.tensor(key)
 
     def expert_ranges(self, layer: int, e: int) -> list[TensorRange]:
         raise NotImplementedError
@@ -130,14 +183,14 @@ class NamedWeights:
     def _fused_qkv(self, prefix: str) -> bool:
         return True
 
-    def embedding(self) -> np.ndarray:
-        return self.tensor("embedding.weight")  # [V, H]
+    def embedding(self) -> np.ndarray | Q8Weight:
+        return self.weight("embedding.weight")  # [V, H]
 
     def final_norm(self) -> np.ndarray:
         return self.tensor("norm.scale")  # [H]
 
-    def unembedding(self) -> np.ndarray:
-        return self.tensor("unembedding.weight")  # [V, H]
+    def unembedding(self) -> np.ndarray | Q8Weight:
+        return self.weight("unembedding.weight")  # [V, H]
 
     def _check_layer(self, layer: int) -> str:
         if not 0 <= layer < self.config.num_hidden_layers:
@@ -152,18 +205,18 @@ class NamedWeights:
 
     def layer(self, n: int) -> LayerWeights:
         p = self._check_layer(n)
-        t = self.tensor
+        t, w = self.tensor, self.weight
         fused = self._fused_qkv(p)
         return LayerWeights(
             attn_norm=t(p + "attn.norm.scale"),
-            q_weight=t(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
-            k_weight=t(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
-            v_weight=t(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
+            q_weight=w(p + "attn.q.weight"), q_bias=t(p + "attn.q.bias"),
+            k_weight=w(p + "attn.k.weight"), k_bias=t(p + "attn.k.bias"),
+            v_weight=w(p + "attn.v.weight"), v_bias=t(p + "attn.v.bias"),
             sinks=t(p + "attn.sinks"),
-            out_weight=t(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
+            out_weight=w(p + "attn.out.weight"), out_bias=t(p + "attn.out.bias"),
             mlp_norm=t(p + "mlp.norm.scale"),
             gate_weight=t(p + "mlp.gate.weight"), gate_bias=t(p + "mlp.gate.bias"),
-            qkv_weight=t(p + "attn.qkv.weight") if fused else None,
+            qkv_weight=w(p + "attn.qkv.weight") if fused else None,
             qkv_bias=t(p + "attn.qkv.bias") if fused else None,
         )
 

@@ -27,12 +27,20 @@ import numpy as np
 
 from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.jsonio import MAX_MANIFEST_BYTES, is_plain_file_name, read_json_file
-from gptoss_stream.weights.layouts.base import EXPERT_PIECES, ExpertWeights, NamedWeights, TensorRange, original_tensors
+from gptoss_stream.weights.layouts.base import (
+    DENSE_FORMATS, EXPERT_PIECES, Q8_BLOCK, Q8_SCALES_SUFFIX, Q8_VALUES_SUFFIX, ExpertWeights, NamedWeights, Q8Weight,
+    TensorRange, is_q8_weight, original_tensors,
+)
 from gptoss_stream.weights.safetensors_file import SafetensorsFile, TensorInfo, tensor_nbytes
 
 FORMAT = "repacked"                # Checkpoint.format of a repacked checkpoint
 FORMAT_NAME = "gptoss-repacked"    # manifest "format"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                 # bf16 dense weights: the published bytes, unchanged since the first repack
+# A q8 repack (--dense q8) is version 2 with "dense_format": "q8": a reader that only knows version 1 refuses it
+# ("repack format version 2; this gptoss reads version 1") instead of misreading its int8 tensors, while bf16
+# repacks keep version 1 and stay byte-identical to what earlier versions wrote.
+Q8_FORMAT_VERSION = 2
+FORMAT_VERSIONS = {"bf16": FORMAT_VERSION, "q8": Q8_FORMAT_VERSION}
 MANIFEST = "gptoss-repack.json"
 MANIFEST_PARTIAL = MANIFEST + ".partial"  # the manifest of a repack in progress (never loadable)
 SHARD_PREFIX = "repacked-"
@@ -40,6 +48,13 @@ DEFAULT_ALIGN = 4096  # page size and the O_DIRECT granularity of common filesys
 PADDING_PREFIX = "padding."
 # "format": "pt" keeps transformers/safetensors' torch loaders happy with the shards.
 SHARD_METADATA = {"format": "pt", "gptoss_repacked": str(FORMAT_VERSION)}
+
+
+def shard_metadata(dense: str = "bf16") -> dict[str, str]:
+    """The shards' safetensors `__metadata__`: bf16 ones exactly as version 1 wrote them."""
+    if dense == "bf16":
+        return dict(SHARD_METADATA)
+    return {"format": "pt", "gptoss_repacked": str(FORMAT_VERSIONS[dense]), "gptoss_dense": dense}
 
 # Dense tensors of one layer, in the order the forward pass reads them (SPEC §4).
 LAYER_DENSE: tuple[str, ...] = (
@@ -99,23 +114,44 @@ def expert_pieces(cfg: ModelConfig) -> list[tuple[str, int, str, tuple[int, ...]
     return out
 
 
-def records(cfg: ModelConfig) -> list[Record]:
-    """Every record in file order: embedding; per layer its dense group then its experts; final norm + unembedding."""
+def check_dense_format(cfg: ModelConfig, dense: str) -> None:
+    """ValueError if `dense` is not a dense format, or q8 for a config whose rows are not whole q8 blocks."""
+    if dense not in DENSE_FORMATS:
+        raise ValueError(f"dense format must be one of {', '.join(DENSE_FORMATS)}, got {dense!r:.40}")
+    if dense == "q8":
+        for name, (_, shape) in original_tensors(cfg).items():
+            if is_q8_weight(name) and shape[1] % Q8_BLOCK:
+                raise ValueError(f"--dense q8 needs rows of whole {Q8_BLOCK}-value blocks; {name} has "
+                                 f"{shape[1]} columns")
+
+
+def dense_specs(name: str, dtype: str, shape: tuple[int, ...], dense: str) -> tuple[TensorSpec, ...]:
+    """How an original-format dense tensor is stored: itself, or (q8 values, q8 scales) for a q8 weight."""
+    if dense == "q8" and is_q8_weight(name):
+        n, k = shape
+        return (TensorSpec(name + Q8_VALUES_SUFFIX, "I8", (n, k)),
+                TensorSpec(name + Q8_SCALES_SUFFIX, "F16", (n, k // Q8_BLOCK)))
+    return (TensorSpec(name, dtype, shape),)
+
+
+def records(cfg: ModelConfig, dense: str = "bf16") -> list[Record]:
+    """Every record in file order: embedding; per layer its dense group then its experts; final norm + unembedding.
+    dense="q8": the Q8_WEIGHTS are two tensors each (NAME.q8, NAME.q8_scales), in the same place."""
+    check_dense_format(cfg, dense)
     src = original_tensors(cfg)
 
-    def spec(name: str) -> TensorSpec:
-        dtype, shape = src[name]
-        return TensorSpec(name, dtype, shape)
+    def spec(*names: str) -> tuple[TensorSpec, ...]:
+        return tuple(t for name in names for t in dense_specs(name, *src[name], dense))
 
     pieces = expert_pieces(cfg)
-    out = [Record("embedding", (spec("embedding.weight"),))]
+    out = [Record("embedding", spec("embedding.weight"))]
     for n in range(cfg.num_hidden_layers):
-        out.append(Record(f"block.{n}.dense", tuple(spec(f"block.{n}.{t}") for t in LAYER_DENSE), layer=n))
+        out.append(Record(f"block.{n}.dense", spec(*(f"block.{n}.{t}" for t in LAYER_DENSE)), layer=n))
         for e in range(cfg.num_experts):
             p = expert_prefix(n, e)
             out.append(Record(p[:-1], tuple(TensorSpec(p + name, dtype, shape) for name, _, dtype, shape in pieces),
                               layer=n, expert=e))
-    out.append(Record("final", (spec("norm.scale"), spec("unembedding.weight"))))
+    out.append(Record("final", spec("norm.scale", "unembedding.weight")))
     return out
 
 
@@ -152,14 +188,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
     m = read_json_file(path, MAX_MANIFEST_BYTES, "repack manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a gptoss repack manifest (\"format\" is not {FORMAT_NAME!r})")
-    if m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: repack format version {m.get('version')!r:.80}; this gptoss reads version "
-                         f"{FORMAT_VERSION} (re-run `gptoss repack` with this version)")
+    if m.get("version") not in FORMAT_VERSIONS.values():
+        raise ValueError(f"{path}: repack format version {m.get('version')!r:.80}; this gptoss reads versions "
+                         f"{FORMAT_VERSION} (bf16) and {Q8_FORMAT_VERSION} (q8) (re-run `gptoss repack` with "
+                         f"this version)")
+    dense = manifest_dense_format(m, path)
+    if m["version"] != FORMAT_VERSIONS[dense]:
+        raise ValueError(f"{path}: \"dense_format\" {dense!r} needs format version {FORMAT_VERSIONS[dense]}, "
+                         f"the manifest says {m['version']}")
     for key, kind in (("config", dict), ("align", int), ("expert_record", dict), ("shards", list),
                       ("dense", list), ("experts", list)):
         if not isinstance(m.get(key), kind):
             raise ValueError(f"{path}: \"{key}\" missing or not a {kind.__name__}")
     return m
+
+
+def manifest_dense_format(m: dict[str, Any], path: Path | str) -> str:
+    """A manifest's "dense_format": absent in version 1 (bf16), "q8" in version 2."""
+    dense = m.get("dense_format", "bf16")
+    if dense not in DENSE_FORMATS:
+        raise ValueError(f"{path}: \"dense_format\" must be one of {', '.join(DENSE_FORMATS)}, got {dense!r:.80}")
+    return dense
 
 
 def _int(entry: dict, key: str, where: str) -> int:
@@ -179,6 +228,12 @@ class _Where:
     def view(self) -> np.ndarray:
         return self.file.view_bytes(self.info.offset, self.info.nbytes, self.info.dtype, self.info.shape)
 
+    def rows(self, r0: int, r1: int, key: str) -> "_Where":
+        """Rows [r0, r1) of this tensor (its first axis), named `key`."""
+        row = self.info.nbytes // self.info.shape[0]
+        return _Where(self.file, TensorInfo(key, self.info.dtype, (r1 - r0, *self.info.shape[1:]),
+                                            self.info.offset + r0 * row, (r1 - r0) * row))
+
 
 class RepackedCheckpoint(NamedWeights):
     """Zero-copy access to a checkpoint written by `gptoss repack`."""
@@ -196,6 +251,7 @@ class RepackedCheckpoint(NamedWeights):
         self._tensors = tensors
         self._experts = experts  # [layer][expert] -> (file index, offset, length)
         self._pieces = expert_pieces(config)
+        self.dense_format: str = manifest_dense_format(manifest, path)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "RepackedCheckpoint":
@@ -224,6 +280,11 @@ class RepackedCheckpoint(NamedWeights):
         align = m["align"]
         if align < 8 or align & (align - 1):
             raise ValueError(f"{mpath}: \"align\" {align} is not a power of two >= 8")
+        dense = manifest_dense_format(m, mpath)
+        try:
+            layout = records(cfg, dense)
+        except ValueError as e:
+            raise ValueError(f"{mpath}: {e}") from None
         tensors: dict[str, _Where] = {}
         for i, entry in enumerate(m["shards"]):
             name = entry.get("file") if isinstance(entry, dict) else None
@@ -252,7 +313,7 @@ class RepackedCheckpoint(NamedWeights):
                                  f"expected {dtype} {list(shape)} for this config")
             return w
 
-        for r in records(cfg):
+        for r in layout:
             if r.expert < 0:
                 for t in r.tensors:
                     check(t.name, t.dtype, t.shape)
@@ -285,28 +346,55 @@ class RepackedCheckpoint(NamedWeights):
         return tensors, experts
 
     # ------------------------------------------------------------------ access
-    def _where(self, key: str) -> _Where:
-        # The per-projection names of Checkpoint: q, k, v are row slices of the fused qkv tensor.
-        parts = key.split(".")
+    def _qkv_rows(self, key: str) -> tuple[str, int, int] | None:
+        """For 'block.N.attn.{q,k,v}.SUFFIX': the fused name 'block.N.attn.qkv.SUFFIX' and the rows it covers."""
+        parts = key.split(".", 4)
         if len(parts) == 5 and parts[0] == "block" and parts[2] == "attn" and parts[3] in ("q", "k", "v"):
-            fused = self._where(f"block.{parts[1]}.attn.qkv.{parts[4]}")
             q, kv = self.config.q_dim, self.config.kv_dim
             r0, r1 = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[parts[3]]
-            row = fused.info.nbytes // fused.info.shape[0]
-            info = TensorInfo(key, fused.info.dtype, (r1 - r0, *fused.info.shape[1:]), fused.info.offset + r0 * row,
-                              (r1 - r0) * row)
-            return _Where(fused.file, info)
+            return f"block.{parts[1]}.attn.qkv.{parts[4]}", r0, r1
+        return None
+
+    def _where(self, key: str) -> _Where:
+        # The per-projection names of Checkpoint: q, k, v are row slices of the fused qkv tensor.
+        fused = self._qkv_rows(key)
+        if fused is not None:
+            name, r0, r1 = fused
+            return self._where(name).rows(r0, r1, key)
         w = self._tensors.get(key)
         if w is None or key.startswith(PADDING_PREFIX):
+            if self.dense_format == "q8" and is_q8_weight(key):
+                raise ValueError(f"{self.path}: {key!r} is stored as q8 in this checkpoint (tensors {key}"
+                                 f"{Q8_VALUES_SUFFIX} and {key}{Q8_SCALES_SUFFIX}): use weight({key!r})")
             raise ValueError(f"{self.path}: no tensor {key!r} in this repacked checkpoint")
         return w
 
+    def _is_q8(self, key: str) -> bool:
+        fused = self._qkv_rows(key)
+        return self.dense_format == "q8" and is_q8_weight(fused[0] if fused else key)
+
     def tensor(self, key: str) -> np.ndarray:
         """A view by name: original-format dense names ('block.3.attn.qkv.weight', 'embedding.weight', ...),
-        'block.N.attn.{q,k,v}.{weight,bias}', and expert pieces 'block.N.mlp.experts.E.mlp1_weight.blocks'."""
+        'block.N.attn.{q,k,v}.{weight,bias}', and expert pieces 'block.N.mlp.experts.E.mlp1_weight.blocks'.
+        In a q8 checkpoint the q8 weights are 'NAME.q8' (int8) and 'NAME.q8_scales' (fp16); weight(NAME) pairs them."""
         return self._where(key).view()
 
+    def weight(self, key: str) -> np.ndarray | Q8Weight:
+        """tensor(key), except that a weight stored as q8 comes as a Q8Weight (q/k/v: row views of qkv's)."""
+        if not self._is_q8(key):
+            return self.tensor(key)
+        values = self._where(key + Q8_VALUES_SUFFIX).view()
+        scales = self._where(key + Q8_SCALES_SUFFIX).view().view(np.uint16)  # fp16 bits, as the kernels take them
+        return Q8Weight(values, scales)
+
     def tensor_range(self, key: str) -> TensorRange:
+        """The bytes of tensor `key`; for a weight stored as q8, of its values and scales together (the two are
+        adjacent in their record), so the memory plan and page-cache advice cover both."""
+        if self._is_q8(key):
+            a, b = self._where(key + Q8_VALUES_SUFFIX), self._where(key + Q8_SCALES_SUFFIX)
+            if a.file is b.file and a.info.offset + a.info.nbytes == b.info.offset:
+                return TensorRange(a.file.path, a.info.offset, a.info.nbytes + b.info.nbytes)
+            raise ValueError(f"{self.path}: {key}{Q8_SCALES_SUFFIX} does not follow {key}{Q8_VALUES_SUFFIX}")
         w = self._where(key)
         return TensorRange(w.file.path, w.info.offset, w.info.nbytes)
 
