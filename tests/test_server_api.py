@@ -203,7 +203,7 @@ def test_16_clients_4_requests_each_in_arrival_order(server, client):
 
 def test_no_memory_growth_over_200_requests(server, client):
     """RssAnon after 200 requests within 5% of after 10 (the KV cache and buffers are reused, nothing piles up);
-    open file descriptors and threads the same (connections closed, no thread per request left behind)."""
+    open file descriptors and threads no more (connections closed, no thread per request left behind)."""
     def requests(n: int, offset: int) -> None:
         for i in range(offset, offset + n):  # mostly chat turns that hit the prompt cache, to keep it quick
             if i % 10 == 9:
@@ -220,7 +220,10 @@ def test_no_memory_growth_over_200_requests(server, client):
     print(f"RssAnon after 10 requests: {after_10} KiB, after 200: {after_200} KiB; (fds, threads) {counts_10} -> "
           f"{counts_200}")
     assert after_200 <= after_10 * 1.05, f"RssAnon grew from {after_10} KiB to {after_200} KiB"
-    assert counts_200 == counts_10, f"(open fds, threads) went from {counts_10} to {counts_200}"
+    # Not equal: connections of earlier tests that are still open when the first sample is taken may close
+    # in between. A descriptor or thread per request left behind would add ~190.
+    assert counts_200[0] <= counts_10[0] and counts_200[1] <= counts_10[1], \
+        f"(open fds, threads) went from {counts_10} to {counts_200}"
 
 
 def test_serve_refuses_a_taken_port_and_a_bad_queue_limit(tiny_original):
