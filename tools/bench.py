@@ -143,6 +143,8 @@ class KernelProfile:
         ("moe_block", "moe_route"): "next layer's expert guess (prefetch)",
         ("moe_block", "expert_mlp"): "experts (mlp1, swiglu, mlp2, combine)",
         ("logits", "matmul"): "unembedding",
+        ("logits", "matmul_q8"): "unembedding",
+        ("embed", "dequantize_q8_rows"): "embedding rows (q8)",
     }
 
     def __init__(self) -> None:
@@ -151,9 +153,10 @@ class KernelProfile:
         self._originals: list[tuple[object, str, object]] = []
 
     def install(self) -> None:
-        for name in ("matmul", "attention_block", "moe_route", "expert_mlp", "rmsnorm", "add_f32_"):
+        for name in ("matmul", "matmul_q8", "dequantize_q8_rows", "attention_block", "moe_route", "expert_mlp",
+                     "rmsnorm", "add_f32_"):
             self._wrap(model_module.kernels, name, self._timed_kernel)
-        for name in ("attention_block", "route", "moe_block", "logits"):
+        for name in ("attention_block", "route", "moe_block", "logits", "embed"):
             self._wrap(Model, name, self._phase_method)
 
     def uninstall(self) -> None:
