@@ -418,6 +418,19 @@ static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gp
     return GPTOSS_OK;
 }
 
+/* n rows of W in tiles of about `target` rows, as many tiles as a multiple of the thread count (a balanced
+ * static split); the last tile may be shorter. n_par: tiles that run at once. */
+static void split_tiles(size_t n, size_t target, size_t threads, size_t *rows, size_t *n_tiles, size_t *last_rows,
+                        size_t *n_par) {
+    if (target == 0) target = 1;
+    size_t tiles = (n + target - 1) / target;
+    tiles = (tiles + threads - 1) / threads * threads;
+    *rows = (n + tiles - 1) / tiles;
+    *n_tiles = (n + *rows - 1) / *rows;
+    *last_rows = n - (*n_tiles - 1) * *rows;
+    *n_par = threads < *n_tiles ? threads : *n_tiles;
+}
+
 /*
  * m > GEMV_MAX_ROWS: W widened one tile of about DEFAULT_F32_TILE_BYTES at a time, each tile multiplied by
  * oneDNN's fp32 GEMM while it is in cache. Tiles are shared out between threads as in gptoss_matmul_mxfp4
@@ -427,14 +440,8 @@ static int f32_gemv(size_t m, size_t k, const weights_ref *w, size_t n, const gp
 static int f32_tiled(size_t m, size_t k, const weights_ref *w, size_t n, const gptoss_bf16 *bias, void *y,
                      size_t ldy, int y_dtype) {
     size_t threads = (size_t)gptoss_get_num_threads();
-    size_t target = DEFAULT_F32_TILE_BYTES / (k * sizeof(float));
-    if (target == 0) target = 1;
-    size_t n_tiles = (n + target - 1) / target;
-    n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
-    size_t rows = (n + n_tiles - 1) / n_tiles;
-    n_tiles = (n + rows - 1) / rows;
-    size_t last_rows = n - (n_tiles - 1) * rows;
-    size_t n_par = threads < n_tiles ? threads : n_tiles;
+    size_t rows, n_tiles, last_rows, n_par;
+    split_tiles(n, DEFAULT_F32_TILE_BYTES / (k * sizeof(float)), threads, &rows, &n_tiles, &last_rows, &n_par);
 
     int plan_threads = n_par > 1 ? 1 : (int)threads;
     matmul_key full_key = {.m = m, .n = rows, .k = k, .ldx = k, .ldy = rows, .has_bias = 0,
@@ -543,14 +550,8 @@ static int q8_bf16_tiled(const gptoss_bf16 *x, size_t m, size_t k, size_t ldx, c
                          const uint16_t *scales, size_t n, const gptoss_bf16 *bias, void *y, size_t ldy,
                          int y_dtype) {
     size_t threads = (size_t)gptoss_get_num_threads();
-    size_t target = DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16));
-    if (target == 0) target = 1;
-    size_t n_tiles = (n + target - 1) / target;
-    n_tiles = (n_tiles + threads - 1) / threads * threads; /* balanced static split */
-    size_t rows = (n + n_tiles - 1) / n_tiles;
-    n_tiles = (n + rows - 1) / rows;
-    size_t last_rows = n - (n_tiles - 1) * rows;
-    size_t n_par = threads < n_tiles ? threads : n_tiles;
+    size_t rows, n_tiles, last_rows, n_par;
+    split_tiles(n, DEFAULT_TILE_BYTES / (k * sizeof(gptoss_bf16)), threads, &rows, &n_tiles, &last_rows, &n_par);
     size_t y_elem = y_dtype == GPTOSS_DTYPE_F32 ? sizeof(float) : sizeof(gptoss_bf16);
 
     int plan_threads = n_par > 1 ? 1 : (int)threads;
