@@ -163,4 +163,8 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(timeout=10)
+        if not self._reader.is_alive():
+            # Closed here, not by the garbage collector: an unclosed pipe found by a later test's gc.collect()
+            # is a ResourceWarning there (test_streaming counts fds after collecting).
+            self.proc.stderr.close()
         return self.proc.returncode
