@@ -19,6 +19,11 @@ read into the page cache first (llama-bench runs a warm-up pass; bench.py --warm
 llama.cpp runs twice: `--repack 0` (its weights used in place from the mapping, like ours) and its default
 (the CPU repack: an interleaved in-RAM copy of the quantized weights, faster kernels, more RSS).
 
+Before each run every other file of the comparison (our other checkpoints, the GGUF) is dropped from the page
+cache: the files together are larger than RAM, and Linux reclaims the pages a warm-up read just brought in
+(its inactive list) before the pages an earlier run used twice, so without this a run could find its own
+weights half evicted and fault them back in from disk during the measurement.
+
 Prints one table of tok/s and our/llama.cpp ratios, with the CPU and our compute path; --json saves it.
 """
 
@@ -32,11 +37,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import print_machine  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parent
 PROMPT_SIZES = (64, 512)
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """The weight files of a checkpoint folder (or a single GGUF file)."""
+    if path.is_file():
+        return [str(path)]
+    return sorted(str(p) for p in path.rglob("*.safetensors"))
+
+
+def evict_others(keep: Path, everything: list[Path]) -> None:
+    """Drop every file of the comparison but `keep`'s from the page cache (see the module docstring)."""
+    from gptoss_stream.commands.memprof.residency import evict_files
+
+    evict_files([f for p in everything if p != keep for f in checkpoint_files(p)])
 
 
 # oneDNN's own dispatch cap for each of our paths, so that a lower path measured on a better CPU runs as it
@@ -109,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.isa.split(",") if args.isa else [None]
 
     print_machine()
-    ours = {(model, isa): {n: run_ours(model, n, args.decode_tokens if n == PROMPT_SIZES[0] else 4, args.threads,
-                                       isa) for n in PROMPT_SIZES}
-            for model in args.model for isa in paths}
+    everything = [*args.model, args.gguf]
+    ours = {}
+    for model in args.model:
+        for isa in paths:
+            evict_others(model, everything)
+            ours[(model, isa)] = {n: run_ours(model, n, args.decode_tokens if n == PROMPT_SIZES[0] else 4,
+                                              args.threads, isa) for n in PROMPT_SIZES}
     llama, llama_rss = {}, {}
     for name, repack in (("repack 0", 0), ("default", None)):
+        evict_others(args.gguf, everything)
         llama[name], llama_rss[name] = run_llama(args.llama_bench, args.gguf, args.threads, args.decode_tokens,
                                                  args.repetitions, repack)
 
