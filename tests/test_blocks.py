@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as nr
+from block_support import attention_block_from_start, block_scratch, close_in_bf16, rope_tables
 from gptoss_stream.engine import _lib, kernels
 from gptoss_stream.engine.model import SWIGLU_ALPHA
 from gptoss_stream.weights.checkpoint import Checkpoint
@@ -22,12 +23,6 @@ TILE = np.zeros(1 << 20, dtype=np.uint16)
 
 def random_bf16(*shape: int, scale: float = 1.0) -> np.ndarray:
     return nr.f32_to_bf16((RNG.standard_normal(shape) * scale).astype(np.float32))
-
-
-def close_in_bf16(got: np.ndarray, ref: np.ndarray) -> bool:
-    """Within a few bf16 roundings of the reference (the two sum in different orders before rounding)."""
-    got, ref = (nr.bf16_to_f32(a) if a.dtype == np.uint16 else a for a in (got, ref))
-    return float(np.abs(got - ref).max()) <= 2.0 ** -6 * float(np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=["original", "hf"])
@@ -67,11 +62,6 @@ def attention_by_kernels(ckpt, layer, x, k_cache, v_cache, first_position, windo
     kernels.add_(x, kernels.matmul(attn, w.out_weight, w.out_bias))
 
 
-def rope_tables(cfg):
-    return kernels.rope_init(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha,
-                             cfg.rope_ntk_beta, cfg.initial_context_length)
-
-
 @pytest.mark.parametrize("layer", [0, 1])  # sliding, full
 @pytest.mark.parametrize("m,first_position", [(1, 0), (1, 200), (7, 150), (33, 0)])
 def test_attention_block_is_the_kernel_sequence(checkpoint, compute_path, layer, m, first_position):
@@ -85,8 +75,7 @@ def test_attention_block_is_the_kernel_sequence(checkpoint, compute_path, layer,
     x = random_bf16(m, cfg.hidden_size)
     want_x, want_k, want_v = x.copy(), k_cache.copy(), v_cache.copy()
     attention_by_kernels(checkpoint, layer, want_x, want_k, want_v, first_position, window, inv_freq, concentration)
-    scratch = np.zeros(kernels.attention_block_scratch_elems(m, cfg.hidden_size, cfg.num_attention_heads,
-                                                              cfg.num_key_value_heads, cfg.head_dim), np.uint16)
+    scratch = block_scratch(cfg, m)
     kernels.attention_block(x, attention_weights(checkpoint, layer), cfg.rms_norm_eps, inv_freq, concentration,
                             1 / np.sqrt(cfg.head_dim), k_cache, v_cache, first_position, window, scratch)
     np.testing.assert_array_equal(x, want_x)
@@ -100,15 +89,7 @@ def test_attention_block_matches_numpy_reference(checkpoint, layer):
     m = 9
     x = random_bf16(m, cfg.hidden_size)
     want = nr.attention_block(checkpoint, layer, nr.bf16_to_f32(x), np.arange(m))
-    capacity = layer_capacity(cfg, layer, 64, 64)
-    k_cache = np.zeros((capacity, cfg.num_key_value_heads, cfg.head_dim), np.uint16)
-    v_cache = np.zeros_like(k_cache)
-    inv_freq, concentration = rope_tables(cfg)
-    scratch = np.zeros(kernels.attention_block_scratch_elems(m, cfg.hidden_size, cfg.num_attention_heads,
-                                                              cfg.num_key_value_heads, cfg.head_dim), np.uint16)
-    window = cfg.sliding_window if cfg.is_sliding(layer) else 0
-    kernels.attention_block(x, attention_weights(checkpoint, layer), cfg.rms_norm_eps, inv_freq, concentration,
-                            1 / np.sqrt(cfg.head_dim), k_cache, v_cache, 0, window, scratch)
+    attention_block_from_start(cfg, layer, x, attention_weights(checkpoint, layer))
     assert close_in_bf16(x, want)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as nr
+from block_support import attention_block_from_start, block_scratch, close_in_bf16, rope_tables
 from gptoss_stream.engine import _lib, kernels
 from gptoss_stream.weights.checkpoint import Checkpoint
 from gptoss_stream.weights.config import layer_capacity
@@ -332,11 +333,6 @@ def original(tiny_checkpoint):
         yield ckpt
 
 
-def rope_tables(cfg):
-    return kernels.rope_init(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, cfg.rope_ntk_alpha,
-                             cfg.rope_ntk_beta, cfg.initial_context_length)
-
-
 def q8_layer(ckpt, layer, qkv: bool, out: bool):
     """The layer's attention weights with the chosen projections quantized, as AttentionWeights and as a dict."""
     cfg, w = ckpt.config, ckpt.layer(layer)
@@ -389,8 +385,7 @@ def test_attention_block_q8_is_the_kernel_sequence(original, qkv, out, layer, m,
     weights, args = q8_layer(original, layer, qkv, out)
     want_x, want_k, want_v = x.copy(), k_cache.copy(), v_cache.copy()
     block_by_kernels(original, args, want_x, want_k, want_v, first_position, window, inv_freq, concentration)
-    scratch = np.zeros(kernels.attention_block_scratch_elems(m, cfg.hidden_size, cfg.num_attention_heads,
-                                                              cfg.num_key_value_heads, cfg.head_dim), np.uint16)
+    scratch = block_scratch(cfg, m)
     kernels.attention_block(x, weights, cfg.rms_norm_eps, inv_freq, concentration, 1 / np.sqrt(cfg.head_dim),
                             k_cache, v_cache, first_position, window, scratch)
     np.testing.assert_array_equal(x, want_x)
@@ -417,11 +412,6 @@ class _DequantizedCheckpoint:
             v_bias=w.qkv_bias[nq + nkv:], out_weight=out, out_bias=w.out_bias)
 
 
-def close_in_bf16(got: np.ndarray, ref: np.ndarray) -> bool:
-    got, ref = (from_bf16(a) if a.dtype == np.uint16 else a for a in (got, ref))
-    return float(np.abs(got - ref).max()) <= 2.0 ** -6 * float(np.abs(ref).max())
-
-
 @pytest.mark.parametrize("layer", [0, 1])
 def test_attention_block_q8_matches_numpy_reference(original, layer):
     cfg = original.config
@@ -429,15 +419,7 @@ def test_attention_block_q8_matches_numpy_reference(original, layer):
     x = to_bf16(RNG.standard_normal((m, cfg.hidden_size)))
     weights, args = q8_layer(original, layer, True, True)
     want = nr.attention_block(_DequantizedCheckpoint(original, args), layer, from_bf16(x), np.arange(m))
-    capacity = layer_capacity(cfg, layer, 64, 64)
-    k_cache = np.zeros((capacity, cfg.num_key_value_heads, cfg.head_dim), np.uint16)
-    v_cache = np.zeros_like(k_cache)
-    inv_freq, concentration = rope_tables(cfg)
-    scratch = np.zeros(kernels.attention_block_scratch_elems(m, cfg.hidden_size, cfg.num_attention_heads,
-                                                              cfg.num_key_value_heads, cfg.head_dim), np.uint16)
-    window = cfg.sliding_window if cfg.is_sliding(layer) else 0
-    kernels.attention_block(x, weights, cfg.rms_norm_eps, inv_freq, concentration, 1 / np.sqrt(cfg.head_dim),
-                            k_cache, v_cache, 0, window, scratch)
+    attention_block_from_start(cfg, layer, x, weights)
     assert close_in_bf16(x, want)
 
 
@@ -471,8 +453,7 @@ def test_attention_block_c_refuses_mixed_weights(original):
     x = np.zeros((m, cfg.hidden_size), np.uint16)
     inv_freq, concentration = rope_tables(cfg)
     cache = np.zeros((64, cfg.num_key_value_heads, cfg.head_dim), np.uint16)
-    scratch = np.zeros(kernels.attention_block_scratch_elems(m, cfg.hidden_size, cfg.num_attention_heads,
-                                                              cfg.num_key_value_heads, cfg.head_dim), np.uint16)
+    scratch = block_scratch(cfg, m)
     base = dict(norm=P(w.attn_norm), sinks=P(w.sinks), out_weight=P(w.out_weight), qkv_q8=P(q), qkv_scales=P(s))
     for changes, status in ((dict(qkv_weight=P(w.qkv_weight)), 3), (dict(qkv_scales=None), 1),
                             (dict(out_q8=P(q)), 1), (dict(out_q8=P(q), out_scales=P(s)), 3),
