@@ -139,6 +139,14 @@ def _linear_bias_and_out(
     return out, ldy
 
 
+def _y_dtype(out: np.ndarray) -> int:
+    """The library's code for a matmul output's dtype: bf16 (as uint16) or float32."""
+    y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
+    if y_dtype is None:
+        raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
+    return y_dtype
+
+
 def matmul(
     x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None,
     out_dtype=BF16,
@@ -151,9 +159,7 @@ def matmul(
     if w.shape[1] != k:
         raise ValueError(f"w: expected [n, {k}] to match x {x.shape}, got {w.shape}")
     out, ldy = _linear_bias_and_out(bias, out, m, n, out_dtype)
-    y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
-    if y_dtype is None:
-        raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
+    y_dtype = _y_dtype(out)
     _lib.call("gptoss_matmul_bf16", _ptr(x), m, k, ldx, _ptr(w), n, _ptr(bias), _ptr(out), ldy, y_dtype,
               context=f"x [{m}, {k}] bf16, W [{n}, {k}] bf16, bias {'yes' if bias is not None else 'no'}, "
                       f"out [{m}, {n}] {out.dtype}")
@@ -217,9 +223,7 @@ def matmul_q8(
     if x.shape[1] != k:
         raise ValueError(f"q: expected [n, {x.shape[1]}] to match x {x.shape}, got {q.shape}")
     out, ldy = _linear_bias_and_out(bias, out, m, n, out_dtype)
-    y_dtype = {np.dtype(BF16): _lib.DTYPE_BF16, np.dtype(np.float32): _lib.DTYPE_F32}.get(out.dtype)
-    if y_dtype is None:
-        raise ValueError(f"out: dtype must be uint16 (bf16) or float32, got {out.dtype}")
+    y_dtype = _y_dtype(out)
     _lib.call("gptoss_matmul_q8", _ptr(x), m, k, ldx, _ptr(q), _ptr(scales), n, _ptr(bias), _ptr(out), ldy,
               y_dtype, context=f"x [{m}, {k}] bf16, W [{n}, {k}] q8, bias {'yes' if bias is not None else 'no'}, "
                                f"out [{m}, {n}] {out.dtype}")
