@@ -114,7 +114,7 @@ def checkpoint_summary(path: str) -> dict:
     from gptoss_stream.weights.checkpoint import open_user_checkpoint
 
     with open_user_checkpoint(path) as ckpt:
-        dense = getattr(ckpt, "dense_format", "bf16")
+        dense = ckpt.dense_format
         return {"path": str(Path(ckpt.path).resolve()), "format": ckpt.format, "dense_format": dense,
                 "dense_bytes_per_token": dense_nbytes(ckpt.config, 0, dense_format=dense),
                 "file_bytes": ckpt.nbytes(), "description": describe_dense(ckpt)}

@@ -88,7 +88,7 @@ def describe_dense(checkpoint) -> str:
     `gptoss info -m` say about the checkpoint's dense weights."""
     from gptoss_stream.streaming.budget import dense_nbytes, format_size
 
-    dense = getattr(checkpoint, "dense_format", "bf16")
+    dense = checkpoint.dense_format
     per_token = dense_nbytes(checkpoint.config, 0, dense_format=dense)
     return (f"{checkpoint.format}, dense weights {dense}: {format_size(per_token)} read per token "
             f"(+ one embedding row)")

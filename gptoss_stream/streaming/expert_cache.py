@@ -745,7 +745,7 @@ def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max
 
     slot_bytes = expert_slot_bytes(checkpoint)
     plan = plan_memory(checkpoint.config, slot_bytes, budget if budget is not None else available_memory(),
-                       context_length, max_chunk, dense_format=getattr(checkpoint, "dense_format", "bf16"))
+                       context_length, max_chunk, dense_format=checkpoint.dense_format)
     store = StreamingExpertStore(checkpoint, plan.expert_slots, **options)
     # The plan keeps the dense weights in the page cache: fill it with large reads now instead of page faults.
     store.prefault_dense(dense_ranges(checkpoint))

@@ -290,7 +290,7 @@ def source_ranges(src, r: Record) -> list[TensorSource]:
         out = [[p] for p in pieces]
     else:
         out = []
-        src_q8 = getattr(src, "dense_format", "bf16") == "q8"
+        src_q8 = src.dense_format == "q8"
         for t in r.tensors:
             if t.name.endswith(Q8_SCALES_SUFFIX) and not src_q8:
                 out.append(None)  # written with its values
@@ -652,7 +652,7 @@ def _disk_error(e: OSError) -> bool:
 def choose_dense(src, dense: str | None) -> str:
     """The dense format to write: `dense`, or by default the source's (bf16 for a published checkpoint). A
     q8 source cannot give bf16 back (the quantization dropped bits): InputError saying what to do instead."""
-    have = getattr(src, "dense_format", "bf16")
+    have = src.dense_format
     if dense is None:
         return have
     if have == "q8" and dense != "q8":

@@ -65,8 +65,7 @@ DENSE_FORMATS: tuple[str, ...] = ("bf16", "q8")
 
 def is_q8_weight(name: str) -> bool:
     """True for the original-format names a q8 checkpoint stores as int8 + scales."""
-    return name in ("embedding.weight", "unembedding.weight") or (
-        name.startswith("block.") and name.split(".", 2)[-1] in Q8_WEIGHTS)
+    return (name.split(".", 2)[-1] if name.startswith("block.") else name) in Q8_WEIGHTS
 
 
 # ---------------------------------------------------------------------------- public records
