@@ -22,6 +22,11 @@ class InputError(UserError, ValueError):
     """An argument or a destination the command cannot use as given (a bad option, an occupied folder)."""
 
 
+class DiskSpaceError(InputError):
+    """The destination's file system cannot hold what a command would write; raised before anything is
+    written, with the space needed and the space available."""
+
+
 class DataError(UserError, RuntimeError):
     """Data or the machine failed a check: a file differs from its manifest or its source, a file ended
     early, the disk is full."""

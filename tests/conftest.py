@@ -13,6 +13,9 @@ Checkpoint fixtures (session-scoped: generated once per test run, read-only for 
 - `tiny_original`, `tiny_hf` -> the two subdirectories.
 - `micro_config` / `micro_checkpoint` -> a much smaller model (vocab 512, hidden 32, 2 layers,
   4 experts) in both layouts, for tests that copy and corrupt files.
+- `full_width_checkpoint` -> gpt-oss-20b's real widths with 2 layers (one sliding, one full), HF layout
+  only, seed 7: 3.3 GB, ~20 s to write. One copy for every full-width test, deleted when the session ends:
+  CI disks have had under 10 GB free. Skipped, saying why, where the disk cannot hold it.
 
 `compute_path` runs a test once per compute path of libgptoss ('scalar', 'avx2', 'avx512'), skipping those
 this machine cannot run, and restores the selected path afterwards.
@@ -22,6 +25,7 @@ Do not modify files under these fixtures: copy them to tmp_path first.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gptoss_stream.errors import DiskSpaceError  # noqa: E402
 from gptoss_stream.weights.config import ModelConfig  # noqa: E402
 from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
@@ -71,6 +76,18 @@ def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config: Mod
     root = tmp_path_factory.mktemp("micro_checkpoint")
     make_checkpoint(root, micro_config, format="both", seed=1, max_shard_bytes=20_000, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def full_width_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("full_width")
+    config = ModelConfig.preset("20b").with_overrides(num_hidden_layers=2)
+    try:
+        make_checkpoint(root, config, format="hf", seed=7, progress=False)
+    except DiskSpaceError as e:
+        pytest.skip(f"full-width checkpoint: {e}")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=COMPUTE_PATHS)

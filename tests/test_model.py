@@ -296,19 +296,11 @@ def test_tiny_matches_transformers(tiny_model, tiny_hf):
     hf_compare(tiny_model, tiny_hf, lengths=[1, 17, 300], greedy_steps=32)
 
 
-@pytest.fixture(scope="module")
-def full_width_checkpoint(tmp_path_factory):
-    """gpt-oss-20b's real widths (hidden 2880, 32 experts, 64/8 heads, full vocab) with 2 layers."""
-    root = tmp_path_factory.mktemp("full_width")
-    config = ModelConfig.preset("20b").with_overrides(num_hidden_layers=2)
-    make_checkpoint(root, config, format="both", seed=7, progress=False)
-    return root
-
-
 @pytest.mark.slow
 def test_full_width_matches_transformers(full_width_checkpoint):
-    model = Model(Checkpoint.open(full_width_checkpoint / "original"))
-    hf_compare(model, full_width_checkpoint / "hf", lengths=[1, 17, 300], greedy_steps=32)
+    """gpt-oss-20b's real widths (hidden 2880, 32 experts, 64/8 heads, full vocab) with 2 layers."""
+    model = Model(Checkpoint.open(full_width_checkpoint))
+    hf_compare(model, full_width_checkpoint, lengths=[1, 17, 300], greedy_steps=32)
 
 
 # ---------------------------------------------------------------------------- layer-by-layer mode

@@ -44,8 +44,6 @@ pytest.importorskip("transformers", reason="transformers is needed for the Huggi
 import hf_reference as hr  # noqa: E402
 import numpy_reference as nr  # noqa: E402
 from gptoss_stream.weights.checkpoint import Checkpoint  # noqa: E402
-from gptoss_stream.weights.config import ModelConfig  # noqa: E402
-from gptoss_stream.weights.synthetic import make_checkpoint  # noqa: E402
 
 LAYER_FRO = 2.0**-5
 LAYER_MAX = 2.0**-2
@@ -98,7 +96,7 @@ def route_differs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @dataclass
 class Pair:
     name: str
-    ckpt: Checkpoint  # original layout, for numpy
+    ckpt: Checkpoint  # read by the numpy reference
     model: object  # transformers GptOssForCausalLM over the HF layout
     runs: dict = field(default_factory=dict)
 
@@ -117,13 +115,9 @@ def tiny_pair(tiny_checkpoint: Path) -> Pair:
 
 
 @pytest.fixture(scope="module")
-def wide_pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
-    # gpt-oss-20b's width with 2 layers (one sliding, one full): 3.0 GB per layout, ~30 s to write;
-    # transformers then spends ~70 s dequantizing its 64 experts.
-    root = tmp_path_factory.mktemp("wide_checkpoint")
-    cfg = ModelConfig.preset("20b").with_overrides(num_hidden_layers=2)
-    make_checkpoint(root, cfg, format="both", seed=0, progress=False)
-    return Pair("wide", Checkpoint.open(root / "original"), hr.load_hf_model(root / "hf"))
+def wide_pair(full_width_checkpoint: Path) -> Pair:
+    # gpt-oss-20b's width with 2 layers (conftest); transformers spends ~70 s dequantizing its 64 experts.
+    return Pair("wide", Checkpoint.open(full_width_checkpoint), hr.load_hf_model(full_width_checkpoint))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 from safetensors import safe_open
 
 from gptoss_stream.commands.cli import main
+from gptoss_stream.errors import DiskSpaceError
 from gptoss_stream.weights import repack as rp
 from gptoss_stream.weights.checkpoint import Checkpoint
 from gptoss_stream.weights.layouts.repacked import MANIFEST, MANIFEST_PARTIAL, RepackedCheckpoint, records
@@ -517,7 +518,7 @@ def test_not_enough_space_is_refused_before_writing(micro_checkpoint, tmp_path, 
         f_bavail, f_frsize = 1, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Full())
-    with pytest.raises(RuntimeError, match=r"needs .* more but only .* is free.*nothing written"):
+    with pytest.raises(DiskSpaceError, match=r"needs .* more but only .* is free.*nothing written"):
         rp.repack(micro_checkpoint / "original", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 import numpy_reference as ref
 from gptoss_stream.commands.cli import main
 from gptoss_stream.engine.model import Model
-from gptoss_stream.errors import InputError
+from gptoss_stream.errors import DiskSpaceError, InputError
 from gptoss_stream.streaming.budget import GIB, dense_nbytes, dense_ranges, plan_memory
 from gptoss_stream.streaming.expert_cache import StreamingExpertStore, open_budgeted_store
 from gptoss_stream.weights import repack as rp
@@ -347,7 +347,7 @@ def test_the_disk_check_counts_the_q8_size(micro_checkpoint, micro_config, tmp_p
         f_bavail, f_frsize = (q8 + bf16) // 2 // 4096, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Free())
-    with pytest.raises(RuntimeError, match=r"needs .* more but only .* is free"):
+    with pytest.raises(DiskSpaceError, match=r"needs .* more but only .* is free"):
         rp.repack(micro_checkpoint / "original", tmp_path / "bf16", shard_size=MICRO_SHARD, progress=False)
     rp.repack(micro_checkpoint / "original", tmp_path / "q8", shard_size=MICRO_SHARD, progress=False, dense="q8")
     assert sum(p.stat().st_size for p in (tmp_path / "q8").glob("*.safetensors")) == q8

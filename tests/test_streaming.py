@@ -24,10 +24,8 @@ from gptoss_stream.streaming.expert_cache import (DECAY, LFU, LRU, POLICIES, Str
 from gptoss_stream.streaming.experts import MappedExpertStore
 from gptoss_stream.streaming.reader import ALIGN, FileReader, IOThread, ReadError, ReadJob, aligned_buffer, plan_record
 from gptoss_stream.weights.checkpoint import Checkpoint
-from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.layouts.base import TensorRange
 from gptoss_stream.weights.repack import repack
-from gptoss_stream.weights.synthetic import make_checkpoint
 
 # Unclosed files, sockets or mappings are errors here (run also under `python -X dev`): every resource has
 # an owner that closes it.
@@ -466,11 +464,9 @@ def test_cli_stats(tiny_original, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_width_streamed_logits_are_bit_exact(tmp_path):
-    """Full-width gpt-oss-20b layers (2 of them, 3.3 GB, ~15 s to write) with a cache of 10 of 64 experts."""
-    cfg = ModelConfig.preset("20b").with_overrides(num_hidden_layers=2)
-    make_checkpoint(tmp_path, cfg, format="original", seed=5, progress=False)
-    ck = Checkpoint.open(tmp_path)
+def test_full_width_streamed_logits_are_bit_exact(full_width_checkpoint):
+    """Full-width gpt-oss-20b layers (2 of them, conftest) with a cache of 10 of 64 experts."""
+    ck = Checkpoint.open(full_width_checkpoint)
     tokens = prompt(12, seed=6)
     reference = run(Model(ck, max_chunk=8), tokens, prefill=8)
     with StreamingExpertStore(ck, slots=10) as store:

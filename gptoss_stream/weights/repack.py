@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from gptoss_stream.errors import CheckpointError, DataError, InputError
+from gptoss_stream.errors import CheckpointError, DataError, DiskSpaceError, InputError
 from gptoss_stream.progress import ProgressBar, format_bytes
 from gptoss_stream.weights.checkpoint import open_user_checkpoint
 from gptoss_stream.weights.config import ModelConfig
@@ -724,8 +724,8 @@ def _write_all(ckpt, dst: Path, shards: list[ShardPlan], manifest: dict[str, Any
         free = fs.f_bavail * fs.f_frsize
         if created:
             dst.rmdir()
-        raise DataError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on that "
-                           f"filesystem; nothing written")
+        raise DiskSpaceError(f"{dst}: needs {format_bytes(need)} more but only {format_bytes(free)} is free on "
+                             f"that filesystem; nothing written")
     files = _Files(ckpt.files())
     written = _Written()
     current: Path | None = None

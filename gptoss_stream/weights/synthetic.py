@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from gptoss_stream.errors import InputError
+from gptoss_stream.errors import DiskSpaceError, InputError
 from gptoss_stream.progress import ProgressBar, format_bytes
 from gptoss_stream.weights.config import ModelConfig
 from gptoss_stream.weights.layouts.base import original_tensors
@@ -327,7 +327,7 @@ def _our_files(d: Path) -> list[Path]:
 
 
 def check_disk_space(out: Path, cfg: ModelConfig, formats: list[str], targets: list[Path], force: bool) -> None:
-    """InputError before anything is written if the file system of `out` cannot hold the checkpoint.
+    """DiskSpaceError before anything is written if the file system of `out` cannot hold the checkpoint.
 
     Counts what --force would delete first as free, so rewriting a checkpoint in place on a nearly full disk
     works; the margin covers config.json, the HF index and the file system's own blocks."""
@@ -339,7 +339,7 @@ def check_disk_space(out: Path, cfg: ModelConfig, formats: list[str], targets: l
     if force:
         free += sum(p.stat().st_size for d in set(targets) for p in _our_files(d))
     if need > free:
-        raise InputError(
+        raise DiskSpaceError(
             f"{out}: not enough disk space: this checkpoint ({cfg.num_hidden_layers} layers x {cfg.num_experts} "
             f"experts, {' + '.join(formats)}) needs {format_bytes(need)}, {format_bytes(free)} available "
             f"(fewer --layers writes a smaller, same-shaped subset)")
