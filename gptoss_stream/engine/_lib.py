@@ -189,3 +189,10 @@ def attention_weights(**pointers: int | None) -> tuple[AttentionWeights, int]:
 def call_value(name: str, *args):
     """Call a libgptoss function that returns a value rather than a status."""
     return getattr(lib, name)(*args)
+
+
+def onednn_info() -> tuple[int, int, int, int]:
+    """(major, minor, patch, ISA code) of the oneDNN that libgptoss loaded."""
+    major, minor, patch, isa = (ctypes.c_int() for _ in range(4))
+    call("gptoss_onednn_info", ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch), ctypes.byref(isa))
+    return major.value, minor.value, patch.value, isa.value

@@ -82,13 +82,8 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
 
 
 def onednn_info() -> OneDNNInfo:
-    import ctypes
-
-    major, minor, patch, isa = (ctypes.c_int() for _ in range(4))
-    _lib.call("gptoss_onednn_info", ctypes.byref(major), ctypes.byref(minor), ctypes.byref(patch),
-              ctypes.byref(isa))
-    return OneDNNInfo(f"{major.value}.{minor.value}.{patch.value}",
-                      ONEDNN_ISA_NAMES.get(isa.value, hex(isa.value)))
+    major, minor, patch, isa = _lib.onednn_info()
+    return OneDNNInfo(f"{major}.{minor}.{patch}", ONEDNN_ISA_NAMES.get(isa, hex(isa)))
 
 
 def detected() -> str:

@@ -709,30 +709,18 @@ class StreamingExpertStore:
         self.close()
 
 
-MADV_RANDOM = 1  # linux/mman.h
-
-
 def advise_random(checkpoint, name: str = "embedding.weight") -> bool:
-    """madvise(MADV_RANDOM) on the mapped pages of one tensor: no readahead when they fault.
+    """No readahead when the mapped pages of one tensor fault (MADV_RANDOM).
 
     A token reads one row of the embedding (5.6 KB on gpt-oss), but a fault on a mapping pulls in the
     file's readahead around it (read_ahead_kb: 8 MiB on this machine class): ~8 MB of disk and of page cache
     per new token, in a cgroup competing with the dense weights. False where the layout stores the tensor
     elsewhere or the call fails (it is advice: nothing else changes)."""
-    import ctypes
-    import mmap
-
     try:
         r = checkpoint.tensor_range(name)
-        start = checkpoint.address(r)
     except (ValueError, KeyError):
         return False
-    page = mmap.PAGESIZE
-    first = start - start % page
-    end = -(-(start + r.nbytes) // page) * page  # whole pages: a neighbour's page at either end loses readahead too
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc.madvise(first, end - first, MADV_RANDOM) == 0
+    return checkpoint.advise_random(r)
 
 
 def open_budgeted_store(checkpoint, budget: int | None, context_length: int, max_chunk: int,

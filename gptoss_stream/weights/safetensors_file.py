@@ -207,6 +207,19 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: file is closed")
         return self.base_address + offset
 
+    def advise_random(self, offset: int, nbytes: int) -> bool:
+        """madvise(MADV_RANDOM) on the mapped pages of file bytes [offset, offset + nbytes): a fault there reads
+        its page, not the file's readahead window around it. Whole pages, so a neighbour sharing a page at
+        either end loses readahead too. False where the platform lacks it or the call fails (it is advice)."""
+        if self._mmap is None or not hasattr(mmap, "MADV_RANDOM"):
+            return False
+        first = offset - offset % mmap.PAGESIZE  # the mapping starts at file offset 0
+        try:
+            self._mmap.madvise(mmap.MADV_RANDOM, first, offset + nbytes - first)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def check_unchanged(self) -> None:
         """CheckpointError if the file was deleted, replaced, resized or modified since it was opened.
 

@@ -175,6 +175,11 @@ class NamedWeights:
         modified since it was opened (SafetensorsFile.check_unchanged)."""
         raise NotImplementedError
 
+    def advise_random(self, r: TensorRange) -> bool:
+        """No readahead when the mapped pages of range r fault (SafetensorsFile.advise_random); False if the
+        advice was not taken."""
+        raise NotImplementedError
+
     def mappings(self) -> list[tuple[str, int, int]]:
         """(path, address, length) of every mapped file, for the engine's SIGBUS guard (kernels.guard_mapping)."""
         raise NotImplementedError

@@ -305,6 +305,9 @@ class PublishedCheckpoint(NamedWeights):
         """Raw pointer to the first byte of a range inside the mapping (for the C library)."""
         return self._files[r.path].address(r.offset)
 
+    def advise_random(self, r: TensorRange) -> bool:
+        return self._files[r.path].advise_random(r.offset, r.nbytes)
+
     def _fused_qkv(self, prefix: str) -> bool:
         # Built (zero-copy) only when q, k, v are adjacent: always in the original layout, not in HF's.
         return f"{prefix}attn.qkv.weight" in self._slots and f"{prefix}attn.qkv.bias" in self._slots

@@ -402,6 +402,9 @@ class RepackedCheckpoint(NamedWeights):
         """Raw pointer to the first byte of a range inside the mapping (for the C library)."""
         return self._by_path[r.path].address(r.offset)
 
+    def advise_random(self, r: TensorRange) -> bool:
+        return self._by_path[r.path].advise_random(r.offset, r.nbytes)
+
     def _record(self, layer: int, e: int) -> tuple[SafetensorsFile, int, int]:
         self._check_expert(layer, e)
         shard, offset, length = self._experts[layer][e]
