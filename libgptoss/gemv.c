@@ -113,8 +113,8 @@ static void dot_rows(const float *x, size_t ldx, int M, const gptoss_bf16 *const
  */
 
 /*
- * MXFP4 rows straight from their blocks: FP4 code -> 2 x FP4 value as an int8 (VPSHUFB on a constant
- * table: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives), widened to fp32, multiplied with x, and each block's
+ * MXFP4 rows straight from their blocks: FP4 code -> 2 x FP4 value (VPSHUFB on a constant table of the
+ * values 0, 1, 2, 3, 4, 6, 8, 12 and their negatives, as fp16), widened to fp32, multiplied with x, and each block's
  * sum scaled once by 2^(scale - 128) (so 2 x value x 2^(scale - 128) = value x 2^(scale - 127)). The products
  * are exact in fp32 and a power-of-two scale commutes with rounding, so this sums the same exact terms as
  * dequantizing first; only the order differs. Scale 255 (NaN in E8M0) gives a NaN block sum, as in mxfp4.c.
@@ -137,23 +137,29 @@ __attribute__((constructor)) static void init_block_scales(void) {
  * The 32 values of one block as fp32 (times 2, see above) in the block's "deinterleaved" order: the low
  * nibbles of its 16 bytes (values 0, 2, ..., 30) then the high nibbles (1, 3, ..., 31). x comes in the same
  * order (gptoss_deinterleave_mxfp4_x), which saves interleaving the weights back into value order.
+ *
+ * 2 x an FP4 value (0, 1, 2, 3, 4, 6, 8, 12 and their negatives) is an fp16 whose low byte is zero, so one
+ * VPSHUFB on a table of the high bytes, an unpack beside zero bytes and F16C's VCVTPH2PS give 8 exact fp32
+ * values: a third fewer instructions than going through int8 -> int32 -> fp32 (with a trip through a stack
+ * buffer), and the same values, so the results are bit for bit those of that version: [5760, 2880] at M = 1,
+ * one thread, from DRAM, Zen 5 VM, a stand-alone copy of the loop: 1.045 -> 0.96 ms.
  */
-__attribute__((target("avx2,fma"), always_inline)) static inline void mxfp4_block_avx2(const uint8_t *q,
-                                                                                     __m256 v[4]) {
-    const __m128i table = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-    const __m128i nibble = _mm_set1_epi8(0x0f);
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void mxfp4_block_avx2(const uint8_t *q,
+                                                                                          __m256 v[4]) {
+    const __m128i fp16_high = _mm_setr_epi8(0x00, 0x3C, 0x40, 0x42, 0x44, 0x46, 0x48, 0x4A, (char)0x80, (char)0xBC,
+                                            (char)0xC0, (char)0xC2, (char)0xC4, (char)0xC6, (char)0xC8, (char)0xCA);
+    const __m128i nibble = _mm_set1_epi8(0x0f), zero = _mm_setzero_si128();
     __m128i bytes = _mm_loadu_si128((const __m128i *)q);
-    _Alignas(32) int8_t values[32];
-    _mm_store_si128((__m128i *)values, _mm_shuffle_epi8(table, _mm_and_si128(bytes, nibble)));
-    _mm_store_si128((__m128i *)(values + 16),
-                    _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));
-    /* VPMOVSXBD from memory: the load is free, and no shuffle is needed to reach the upper 8 bytes. */
-    for (int j = 0; j < 4; j++)
-        v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(values + 8 * j))));
+    __m128i low = _mm_shuffle_epi8(fp16_high, _mm_and_si128(bytes, nibble));
+    __m128i high = _mm_shuffle_epi8(fp16_high, _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+    v[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, low));
+    v[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, low));
+    v[2] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, high));
+    v[3] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, high));
 }
 
 /* sums[t * R + r] = dot(x[t, :k], W row r) for R rows starting at blocks / scales (rows blocks_per_row apart). */
-__attribute__((target("avx2,fma"), always_inline)) static inline void mxfp4_rows_avx2(
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void mxfp4_rows_avx2(
     const float *x, size_t k, const int M, const uint8_t *blocks, const uint8_t *scales, const int R,
     float *sums) {
     size_t blocks_per_row = k / BLOCK_VALUES, group_bytes = (size_t)R * blocks_per_row * BLOCK_BYTES;
@@ -182,7 +188,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void mxfp4_rows
         for (int r = 0; r < R; r++) sums[t * R + r] = hsum_avx2(total[t][r]);
 }
 
-__attribute__((target("avx2,fma"))) static void mxfp4_rows_avx2_dispatch(const float *x, size_t k, int M,
+__attribute__((target("avx2,fma,f16c"))) static void mxfp4_rows_avx2_dispatch(const float *x, size_t k, int M,
                                                                          const uint8_t *blocks,
                                                                          const uint8_t *scales, int R,
                                                                          float *sums) {
