@@ -192,7 +192,8 @@ def random_mxfp4(rng, n, k):
     return blocks, scales
 
 
-@pytest.mark.parametrize("m", [1, 4, 8, 37])
+# m = 1..8 cover every (m, rows per step) case of the register kernels, n = 37 their last, shorter step.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 37])
 @pytest.mark.parametrize("n, k", [(5760, 2880), (2880, 2880), (37, 96)])
 def test_matmul_mxfp4_equals_dequantize_then_matmul(m, n, k):
     rng = np.random.default_rng(m + n + k)
